@@ -3,8 +3,6 @@
 `model_config(name)` returns the `config.model` block that `MaskedAutoencoder(**config.model)`
 takes; configs in `configs/` start from it and override what their experiment changes.
 """
-import ml_collections
-
 # Decoder of the paper, shared by all sizes: width 512, 8 blocks, 16 heads.
 PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
@@ -24,8 +22,9 @@ MODELS = {
 }
 
 
-def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+def model_config(name: str, **overrides) -> 'ml_collections.ConfigDict':
   """`config.model` for a named size, with the paper's defaults for everything else."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   if name not in MODELS:
     raise ValueError(f'Unknown model size {name!r}; choose one of {sorted(MODELS)}.')
   cfg = dict(in_chans=3, mlp_ratio=4.0, norm_pix_loss=False, mask_ratio=0.75,
