@@ -454,6 +454,12 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], *,
                             f'(--decoder-num-heads).')
   elif decoder_num_heads:
     cfg['decoder_num_heads'] = decoder_num_heads
+  if 'head.weight' in state_dict:
+    # The same record the downstream jobs store next to a classifier's params.
+    cfg['classifier'] = {'job': 'finetune',
+                         'num_classes': int(np.shape(state_dict['head.weight'])[0]),
+                         'global_pool': 'fc_norm.weight' in state_dict,
+                         'trainable_blocks': None}
   return cfg
 
 
@@ -525,7 +531,12 @@ def check_shapes(state_dict: Mapping[str, np.ndarray], model_config: Mapping[str
 
 
 def _classifier_shapes(cfg: Dict[str, Any], images: Any) -> Params:
-  raise NotImplementedError
+  import jax  # pylint: disable=g-import-not-at-top
+  from mae_jax import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
+  head = cfg['classifier']
+  model = classifier_lib.classifier_from_config(cfg, head['num_classes'],
+                                                global_pool=head['global_pool'])
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))['params']
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -617,7 +628,11 @@ def to_state_dict(params: Mapping[str, Any], model_config: Mapping[str, Any],
   if format not in LAYOUTS:
     raise ValueError(f'format must be one of {LAYOUTS}, got {format!r}.')
   official = params_to_official(params)
-  grid = grid_size(model_config['img_size'], model_config['patch_size'])
+  if not model_config or model_config.get('img_size') is None:
+    raise ConversionError('The image size is needed to write the position tables: pass a model '
+                          'config with img_size (--img-size).')
+  patch_size = official['patch_embed.proj.weight'].shape[-1]
+  grid = grid_size(model_config['img_size'], patch_size)
   tables = {'pos_embed': official.pop('pos_embed', None)}
   if tables['pos_embed'] is None:
     tables['pos_embed'] = sincos_2d(official['cls_token'].shape[-1], grid, cls_token=True)[None]
@@ -628,3 +643,193 @@ def to_state_dict(params: Mapping[str, Any], model_config: Mapping[str, Any],
   if format == 'official':
     return official
   return official_to_hf(official, naming=format)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def _state_dict_of(obj: Any, path: str) -> Mapping[str, Any]:
+  """The state dict inside a loaded checkpoint object ({'model': sd}, {'state_dict': sd}, sd)."""
+  if isinstance(obj, Mapping):
+    for entry in ('model', 'state_dict', 'model_state'):
+      if isinstance(obj.get(entry), Mapping):
+        return obj[entry]
+    if obj and all(hasattr(v, 'shape') for v in obj.values()):
+      return obj
+  keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+  raise ConversionError(f'{path} holds no state dict (found {keys}); expected '
+                        f"{{'model': state_dict}} as in the MAE release, or a state dict.")
+
+
+def read_state_dict(path: str) -> StateDict:
+  """Reads a `.pth` / `.bin` (torch) or `.safetensors` file; returns its state dict as numpy.
+
+  torch files are read with `torch.load(weights_only=True)`: a pickle that would construct
+  anything but tensors and plain containers (i.e. run code) is refused, not executed. The
+  release's training checkpoints also hold an `argparse.Namespace`, which is allowed.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise ConversionError(f'{path} does not exist: pass the path of a .pth or .safetensors file.')
+  if os.path.isdir(path):
+    raise ConversionError(f'{path} is a directory, not a PyTorch checkpoint file.')
+  with open(path, 'rb') as f:
+    head = f.read(16)
+  if path.endswith('.safetensors') or head[8:9] == b'{':
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    except Exception as e:  # safetensors raises its own SafetensorError
+      raise ConversionError(f'{path} is not a readable safetensors file ({e}).') from None
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConversionError('Reading .pth files needs torch: pip install "mae_jax[torch]" (CPU '
+                          'build is enough).') from None
+  import argparse  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    # The safe unpickler stops at the first thing that is not a tensor or plain container:
+    # an import of a callable ('Unsupported global') or other object building is refused;
+    # an unknown opcode ('Unsupported operand') means the bytes are not a pickle at all.
+    detail = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+    if 'Weights only load failed' in str(e) and 'Unsupported operand' not in str(e):
+      what = f' ({detail.group(1)})' if detail else ''
+      raise ConversionError(
+          f'{path} was refused: it holds a Python object{what} whose loading would run code, and '
+          f'only tensors are read (torch.load weights_only=True). Use a file from the official '
+          f'release or re-save just the state dict from a source you trust.') from None
+    raise ConversionError(f'{path} is not a PyTorch checkpoint (unpickling failed: '
+                          f'{str(e).splitlines()[0]}).') from None
+  except Exception as e:  # torch raises many types for files that are not checkpoints
+    first = (str(e).splitlines() or [''])[0]
+    raise ConversionError(f'{path} is not a PyTorch checkpoint ({type(e).__name__}: '
+                          f'{first}).') from None
+  state = _state_dict_of(obj, path)
+  bad = [k for k, v in state.items() if not hasattr(v, 'shape')]
+  if bad:
+    raise ConversionError(f'{path}: state dict entries {bad[:5]} are not tensors.')
+  return {k: _as_numpy(v) for k, v in state.items()}
+
+
+def write_state_dict(path: str, state_dict: Mapping[str, np.ndarray], format: str = 'official'
+                     ) -> None:  # pylint: disable=redefined-builtin
+  """Writes a numpy state dict for PyTorch, never over an existing file.
+
+  'official' -> `torch.save({'model': state_dict})`, loadable by the MAE release and
+  timm-style ViTs; 'hf' / 'hf_classic' -> a plain state dict (`pytorch_model.bin` style), or a
+  safetensors file when `path` ends in `.safetensors`.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  if os.path.exists(path):
+    raise ConversionError(f'{path} already exists; nothing was written. Choose a new output '
+                          f'path or delete the old file first.')
+  import torch  # pylint: disable=g-import-not-at-top
+  tensors = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in
+             state_dict.items()}
+  tmp = f'{path}.tmp-{os.getpid()}'
+  if path.endswith('.safetensors'):
+    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+    save_file(tensors, tmp)
+  else:
+    torch.save({'model': tensors} if format == 'official' else tensors, tmp)
+  os.replace(tmp, path)
+
+
+def load_pytorch_checkpoint(path: str, **kwargs) -> Converted:
+  """Reads a PyTorch MAE / ViTMAE checkpoint file and converts it (see `from_state_dict`)."""
+  return from_state_dict(read_state_dict(path), **kwargs)
+
+
+def export_pytorch_checkpoint(path: str, params: Mapping[str, Any],
+                              model_config: Mapping[str, Any],
+                              format: str = 'official') -> StateDict:  # pylint: disable=redefined-builtin
+  """Writes mae_jax params as a PyTorch file (see `to_state_dict`, `write_state_dict`)."""
+  record = (model_config or {}).get('classifier') or {}
+  if record.get('job') == 'linear_probe':
+    raise ConversionError('A linear-probe classifier is not complete without its BatchNorm '
+                          'statistics, which params-only files do not hold; export the encoder '
+                          'of its pretraining checkpoint instead.')
+  state = to_state_dict(params, model_config, format)
+  write_state_dict(path, state, format)
+  return state
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def _parse_args(argv):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m mae_jax.convert',
+      description='Convert PyTorch MAE checkpoints (official release or Hugging Face ViTMAE) to a '
+                  'mae_jax orbax checkpoint directory, or a mae_jax checkpoint back to PyTorch.')
+  parser.add_argument('--input', required=True,
+                      help='a .pth/.bin/.safetensors file (import) or a mae_jax checkpoint '
+                           'directory / workdir (export)')
+  parser.add_argument('--output', required=True,
+                      help='the new checkpoint directory (import) or .pth file (export)')
+  parser.add_argument('--format', choices=LAYOUTS, default='official',
+                      help='export naming: official (MAE release / timm ViT), hf (transformers '
+                           '>= 5 ViTMAE), hf_classic (hub / transformers 4.x names)')
+  parser.add_argument('--num-heads', type=int, help='encoder heads (default: from a preset)')
+  parser.add_argument('--decoder-num-heads', type=int, help='decoder heads (default: preset)')
+  parser.add_argument('--img-size', type=int, nargs='+',
+                      help='image size (H [W]); default: from the position table')
+  parser.add_argument('--layer-norm-eps', type=float, default=1e-6,
+                      help='LayerNorm eps of the model (the release uses 1e-6; HF hub configs '
+                           'say 1e-12)')
+  parser.add_argument('--norm-pix-loss', action='store_true',
+                      help='record norm_pix_loss=True in the model config (the mae_pretrain_* '
+                           'release was trained with it)')
+  parser.add_argument('--pos-embed', choices=('check', 'warn', 'keep'), default='check',
+                      help='a stored encoder position table that is not the sin-cos table: '
+                           'check = error, warn = use mae_jax\'s table, keep = keep it as a param')
+  return parser.parse_args(argv)
+
+
+def _img_size(values):
+  if not values:
+    return None
+  return values[0] if len(values) == 1 else tuple(values[:2])
+
+
+def main(argv=None) -> int:
+  """The command line; returns the exit status (2 with a one-line message on bad input)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  args = _parse_args(argv)
+  try:
+    if os.path.exists(args.output):
+      raise ConversionError(f'{args.output} already exists; nothing was written. Choose a new '
+                            f'output path or delete the old one first.')
+    if os.path.isdir(args.input):
+      params, model_config = checkpoint.load_params(args.input)
+      model_config = dict(model_config or {})
+      if args.img_size:
+        model_config['img_size'] = _img_size(args.img_size)
+      state = export_pytorch_checkpoint(args.output, params, model_config, args.format)
+      print(f'Wrote {len(state)} tensors in the {args.format} naming to {args.output}.')
+      return 0
+    converted = load_pytorch_checkpoint(
+        args.input, num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
+        img_size=_img_size(args.img_size), layer_norm_eps=args.layer_norm_eps,
+        norm_pix_loss=args.norm_pix_loss, pos_embed=args.pos_embed)
+    checkpoint.save_params(args.output, converted.params, converted.model_config)
+  except (ConversionError, checkpoint.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  count = sum(int(np.prod(np.shape(v))) for v in _flatten(converted.params).values())
+  diffs = ', '.join(f'{k} {v:.2g}' for k, v in converted.pos_embed_max_diff.items()) or 'none'
+  cfg = converted.model_config
+  print(f'Converted a {converted.kind} checkpoint ({converted.layout} naming, {count:,} params): '
+        f'img_size {cfg["img_size"]}, patch {cfg["patch_size"]}, width {cfg["embed_dim"]}, depth '
+        f'{cfg["depth"]}, heads {cfg["num_heads"]}; position tables vs sin-cos (max abs diff): '
+        f'{diffs}. Wrote {args.output}.')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
