@@ -102,7 +102,7 @@ def bench_torch(dims: dict, batch: int, steps: int, warmup: int, dtype: str,
   dt = (time.perf_counter() - t0) / steps
   name = torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'
   return dict(framework='torch', device=name, torch=torch.__version__, threads=torch.get_num_threads(),
-              step_s=dt, images_per_s=batch / dt, loss=float(loss))
+              step_s=dt, images_per_s=batch / dt, loss=float(loss.detach()))
 
 
 def main():

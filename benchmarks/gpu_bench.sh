@@ -8,6 +8,9 @@ export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=.85
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 b=benchmarks/bench_train_step.py
 run() { timeout 200 python3 $b "$@" 2>>"$OUT/stderr.txt" | grep '^{' | tee -a "$OUT/results.jsonl"; }
-run --model vit_l --batch 128 --dtype bfloat16 --steps 10 --torch
+# One framework per process: JAX preallocates most of the GPU's memory.
+for a in "--model vit_l --batch 128" "--model vit_b --batch 256"; do
+  run $a --dtype bfloat16 --steps 10
+  run $a --dtype bfloat16 --steps 10 --torch --no_jax
+done
 run --model vit_l --batch 128 --dtype bfloat16 --steps 5 --mask_token_in_encoder
-run --model vit_b --batch 256 --dtype bfloat16 --steps 10 --torch
