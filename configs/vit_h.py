@@ -1,0 +1,14 @@
+"""MAE ViT-H/14 pretraining on ImageNet-1k, the paper's recipe (MAE.md section 4).
+
+python -m mae_jax.main --config=configs/vit_h.py --workdir=gs://bucket/mae_vit_h \
+    --config.dataset.manual_dir=/path/to/imagenet_tars
+
+The released weights: 1600 epochs with norm_pix_loss (the default). The paper's
+800-epoch tables: --config=configs/vit_h.py:800. Global batch 4096 over all devices;
+lr = 1.5e-4 * batch / 256 with 40 warmup epochs then half-cycle cosine.
+"""
+from mae_jax.pretrain_config import pretrain_config
+
+
+def get_config(epochs: str = '1600'):
+  return pretrain_config('vit_h', num_epochs=int(epochs))
