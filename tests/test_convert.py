@@ -114,6 +114,12 @@ def test_hf_export_loads_strictly_and_gives_the_same_loss(hf):
     loss = fresh(pixel_values=hf['images'], noise=hf['noise']).loss
   assert torch.equal(loss, hf['loss'])
   assert_same_state(exported, hf['state'])
+  # An encoder alone is named as a ViTMAEModel (no `vit.` prefix).
+  encoder = convert.to_state_dict({'encoder': converted.params['encoder']},
+                                  converted.model_config, 'hf')
+  result = fresh.vit.load_state_dict({k: torch.from_numpy(v) for k, v in encoder.items()},
+                                     strict=True)
+  assert not result.missing_keys and not result.unexpected_keys
 
 
 def test_hf_classic_names_load_through_transformers_renaming(hf, tmp_path):
@@ -348,7 +354,7 @@ def test_head_count_needs_a_preset_or_an_argument(hf):
 
 
 def test_import_does_not_load_torch():
-  code = ('import sys, mae_jax, mae_jax.convert; '
+  code = ('import sys, mae_jax, mae_jax.convert, mae_jax.convert.__main__; '
           'assert "torch" not in sys.modules, "torch imported"; print("ok")')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False, timeout=120)

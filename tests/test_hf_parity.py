@@ -36,7 +36,7 @@ def build_hf_model(seed: int = 0, **overrides):
   """A random tiny HF ViTMAE with filled position tables, random tokens, perturbed biases/norms."""
   torch.manual_seed(seed)
   config = transformers.ViTMAEConfig(**{**HF_CONFIG, **overrides})
-  config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  config._attn_implementation = 'eager'
   model = transformers.ViTMAEForPreTraining(config).eval()
   embeddings = model.vit.embeddings
   # post_init marks the conv as initialised, which makes initialize_weights a no-op.
@@ -144,8 +144,8 @@ def test_loss_pred_mask_and_gradients_match_hf(setup, norm_pix_loss, mask_ratio)
   # Torch gradients go through the same name mapping as the weights (q/k/v rows fused).
   official, _ = convert.to_official(hf_numpy_state(hf_grads.items()))
   mapped = convert.official_to_params(official)
-  flat_jax = convert._flatten(grads)  # pylint: disable=protected-access
-  flat_torch = convert._flatten(mapped)  # pylint: disable=protected-access
+  flat_jax = convert.flatten(grads)
+  flat_torch = convert.flatten(mapped)
   assert set(flat_jax) == set(flat_torch)
   for path, grad in flat_torch.items():
     assert_close(flat_jax[path], grad, 'grad ' + '/'.join(path))
