@@ -133,6 +133,7 @@ def test_hf_classic_names_load_through_transformers_renaming(hf, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, back.params, converted.params)
   hf['model'].config.save_pretrained(tmp_path)
   convert.write_state_dict(str(tmp_path / 'model.safetensors'), classic, 'hf_classic')
+  assert_same_state(convert.read_state_dict(str(tmp_path / 'model.safetensors')), classic)
   loaded, info = transformers.ViTMAEForPreTraining.from_pretrained(
       tmp_path, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
