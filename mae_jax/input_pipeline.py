@@ -1,0 +1,326 @@
+"""Input pipeline: TFDS, ImageFolder or embedded photos -> deterministic host-local batches.
+
+The stream: global batch `s` holds the examples at global stream positions
+`g = s * global_batch + j`, `j < global_batch`; host `h` of `P` takes the contiguous slice
+`j in [h * host_batch, (h + 1) * host_batch)`. For training modes, position `g` shows example
+`perm_e[g % N]` of epoch `e = g // N`, where `perm_e` is a pseudo-random permutation seeded by
+`(seed, e)` (computed per index with `tf.random.experimental.index_shuffle`, never
+materialised), and its augmentation is drawn from stateless ops seeded by `(seed, g)`. Batches
+therefore depend on neither the host nor the device count, and `start_step=k` computes where
+step `k` starts instead of decoding and discarding the steps before it.
+
+Sources with random access (ImageFolder, embedded photos, TFDS datasets stored as
+array_record) follow that scheme exactly. TFDS datasets stored only as TFRecord files are read
+sequentially: each epoch is the file-order stream shuffled by a buffer seeded by `(seed, e)`;
+every host reads every record and keeps its slice before decoding (reading costs scale with
+the host count), and resuming reads and drops the records before `start_step` within the
+epoch (no decoding). Prepare big datasets with `tfds build --file_format=array_record` to get
+random access.
+"""
+import functools
+import re
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from mae_jax import data_sources
+from mae_jax import preprocess
+
+# The pipeline runs on the host CPU; TF must never grab accelerator memory that JAX needs.
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except (RuntimeError, ValueError):  # Already initialised (e.g. by the caller): leave it.
+  pass
+
+SOURCES = ('tfds', 'imagefolder', 'embedded')
+MODES = ('pretrain', 'linear_probe', 'finetune', 'eval')
+TFDS_READ_MODES = ('auto', 'random_access', 'sequential')
+_AUGMENT_SALT = 0x6d6165  # separates the augmentation seeds from the permutation seeds
+
+
+def default_dataset_config() -> ml_collections.ConfigDict:
+  """All `config.dataset` fields with their defaults; configs start from this.
+
+  source: 'embedded' (photos shipped with scikit-image, no download), 'imagefolder'
+    (`data_dir/<split>/<class>/*.jpg|jpeg|png`, classes sorted -> label ids) or 'tfds'.
+  name: TFDS name (with optional config/version), e.g. 'imagenet2012', 'cifar10'.
+  data_dir: ImageFolder root, or the TFDS data_dir (None: TFDS's default).
+  manual_dir: TFDS manual-download directory (imagenet2012: the two ILSVRC2012 tars).
+  download: let TFDS download and prepare the dataset (the only network access).
+  train_split / eval_split: TFDS split strings ('train', 'validation', 'train[:90%]'), or
+    ImageFolder subdirectory names; the embedded set has 'train' (whole photos) and 'test'
+    (each photo cut into an `embedded_eval_grid` x `embedded_eval_grid` grid of tiles).
+  image_key / label_key: TFDS feature names.
+  mean / std: normalisation, in 0..1 units.
+  crop_scale: RandomResizedCrop area range in 'pretrain' mode (the paper: 0.2-1).
+  downstream_crop_scale: the same for 'linear_probe' and 'finetune' (0.08-1).
+  crop_ratio: aspect-ratio range of RandomResizedCrop.
+  eval_crop_fraction: 'eval' resizes the shorter side to int(image_size / this) (256 for 224).
+  rand_augment_*, random_erase_prob: 'finetune' mode (timm's rand-m9-mstd0.5-inc1, reprob 0.25).
+  tfds_read: 'auto' (random access when the dataset is stored as array_record), or force
+    'random_access' / 'sequential'.
+  shuffle_buffer: per-epoch shuffle buffer of sequential TFDS reading.
+  embedded_eval_grid: tiles per side of the embedded 'test' split.
+  """
+  return ml_collections.ConfigDict(dict(
+      source='embedded', name='', data_dir='', manual_dir='', download=False,
+      train_split='train', eval_split='test', image_key='image', label_key='label',
+      mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD,
+      crop_scale=(0.2, 1.0), downstream_crop_scale=(0.08, 1.0),
+      crop_ratio=preprocess.CROP_RATIO, eval_crop_fraction=0.875,
+      rand_augment_num_ops=2, rand_augment_magnitude=9, rand_augment_magnitude_std=0.5,
+      random_erase_prob=0.25, tfds_read='auto', shuffle_buffer=16384, embedded_eval_grid=3))
+
+
+def _resolve_config(dataset_cfg: Any) -> ml_collections.ConfigDict:
+  """Defaults overlaid with `dataset_cfg`; rejects unknown fields and unknown sources."""
+  cfg = default_dataset_config()
+  given = dict(dataset_cfg.items()) if dataset_cfg is not None else {}
+  unknown = sorted(set(given) - set(cfg))
+  if unknown:
+    raise ValueError(f'Unknown dataset config field(s) {unknown}; known fields: {sorted(cfg)} '
+                     '(see mae_jax.input_pipeline.default_dataset_config).')
+  for key, value in given.items():
+    cfg[key] = value
+  if cfg.source not in SOURCES:
+    raise ValueError(f'Unknown dataset source {cfg.source!r}: set config.dataset.source to one '
+                     f'of {SOURCES}.')
+  if cfg.tfds_read not in TFDS_READ_MODES:
+    raise ValueError(f'Unknown tfds_read {cfg.tfds_read!r}: use one of {TFDS_READ_MODES}.')
+  return cfg
+
+
+# ----------------------------------------------------------------------------- public metadata
+def num_examples(dataset_cfg: Any, split: str) -> int:
+  """Number of examples in `split` (before any padding or repetition)."""
+  return data_sources.split_size(_resolve_config(dataset_cfg), split)
+
+
+def num_classes(dataset_cfg: Any) -> int:
+  """Number of label classes (embedded: one per photo; ImageFolder: train split's class dirs)."""
+  return data_sources.class_count(_resolve_config(dataset_cfg))
+
+
+# ----------------------------------------------------------------------------- the stream
+def _example_id(position: tf.Tensor, n: int, seed: int) -> tf.Tensor:
+  """Example shown at a training stream position: `perm_epoch[position % n]`."""
+  if n == 1:
+    return tf.zeros_like(position)
+  epoch_seed = tf.stack([tf.constant(seed, tf.int64), position // n])
+  return tf.random.experimental.index_shuffle(position % n, epoch_seed, tf.constant(n - 1, tf.int64))
+
+
+def _host_positions(step: int, global_batch: int, host_batch: int, process_index: int):
+  """Global stream positions of this host's share of global batch `step`."""
+  first = step * global_batch + process_index * host_batch
+  return range(first, first + host_batch)
+
+
+def _augment_module():
+  try:
+    from mae_jax import randaugment  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("mode='finetune' needs mae_jax/randaugment.py (rand_augment, random_erase), "
+                      f'which failed to import ({e}); use mode=\'linear_probe\' meanwhile.') from e
+  return randaugment
+
+
+def _example_transform(cfg, mode: str, image_size: int, seed: int):
+  """(raw image, stream position) -> uint8 [S, S, 3], or normalised float32 in 'finetune'."""
+  if mode == 'eval':
+    return lambda raw, position: preprocess.resize_and_centre_crop(
+        raw, image_size, cfg.eval_crop_fraction)
+  scale = tuple(cfg.crop_scale if mode == 'pretrain' else cfg.downstream_crop_scale)
+  ratio = tuple(cfg.crop_ratio)
+  augment = _augment_module() if mode == 'finetune' else None
+  base_seed = tf.constant([seed, _AUGMENT_SALT], tf.int64)
+
+  def transform(raw, position):
+    seeds = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(base_seed, position), 4)
+    image = preprocess.random_resized_crop(raw, seeds[0], image_size, scale, ratio)
+    image = preprocess.flip_left_right(image, seeds[1])
+    if augment is not None:  # timm order: crop, flip, RandAugment, normalise, erase.
+      image = augment.rand_augment(image, seeds[2], num_ops=cfg.rand_augment_num_ops,
+                                   magnitude=cfg.rand_augment_magnitude,
+                                   magnitude_std=cfg.rand_augment_magnitude_std)
+      image = preprocess.normalize(image, cfg.mean, cfg.std)
+      image = augment.random_erase(image, seeds[3], probability=cfg.random_erase_prob)
+    return image
+
+  return transform
+
+
+def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int):
+  """Builds `(position[, raw, label]) -> example dict`; eval positions >= n are padding."""
+  def element(position, raw=None, label=None):
+    def real():
+      if load is None:
+        r, l = raw, label
+      else:
+        r, l = load(_example_id(position, n, seed) if train else tf.minimum(position, n - 1))
+      return transform(r, position), tf.cast(l, tf.int32)
+
+    if train:
+      image, lab = real()
+      return {'image': image, 'label': lab, 'index': position}
+    valid = position < n
+    image, lab = tf.cond(valid, real, lambda: (tf.zeros([image_size, image_size, 3], tf.uint8),
+                                               tf.constant(-1, tf.int32)))
+    return {'image': image, 'label': lab, 'index': position, 'valid': valid}
+
+  return tf.autograph.experimental.do_not_convert(element)
+
+
+def _sequential_records(source: data_sources.Source, *, train: bool, seed: int, shuffle_buffer: int,
+                        start: int, padded_total: int) -> tf.data.Dataset:
+  """(position, raw, label) from `start` on, for sources without random access."""
+  n = source.num_examples
+  records = source.records()
+  if train:
+    seed_t = tf.constant(seed, tf.int64)
+
+    def epoch(e):
+      shuffled = records.shuffle(shuffle_buffer, seed=seed_t * 1_000_003 + e,
+                                 reshuffle_each_iteration=False)
+      return shuffled.enumerate(start=e * n)
+
+    stream = tf.data.Dataset.range(start // n, 2**62).flat_map(epoch).skip(start % n)
+  else:
+    padding = tf.data.Dataset.range(n, padded_total).map(
+        lambda g: (g, (tf.constant(b''), tf.constant(-1, tf.int64))))
+    stream = records.map(lambda r, l: (r, tf.cast(l, tf.int64))).enumerate().concatenate(
+        padding).skip(start)
+  return stream.map(lambda g, ex: (g, ex[0], ex[1]))
+
+
+class _BatchIterator:
+  """NumPy batches; a decoding failure is re-raised naming the example (file) that caused it."""
+
+  def __init__(self, dataset: tf.data.Dataset, diagnose: Callable[[int, Exception], Exception],
+               step: int):
+    self._iterator = dataset.as_numpy_iterator()
+    self._diagnose = diagnose
+    self._step = step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    try:
+      batch = next(self._iterator)
+    except tf.errors.OpError as e:
+      raise self._diagnose(self._step, e) from e
+    self._step += 1
+    return batch
+
+
+def _op_error_text(error: Exception) -> str:
+  """First line of a TF error without the TF-internal function and op names."""
+  text = str(getattr(error, 'message', error)).strip().splitlines()[0]
+  return re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$', '', text).strip()
+
+
+def _diagnose_fn(source: data_sources.Source, positions: Callable[[int], range], train: bool, seed: int):
+  """Finds the unreadable example of a failed step by decoding its examples one by one."""
+  def diagnose(step: int, error: Exception) -> Exception:
+    if source.load is not None:
+      n = source.num_examples
+      for position in positions(step):
+        if not train and position >= n:
+          break
+        p = tf.constant(position, tf.int64)
+        idx = int(_example_id(p, n, seed) if train else p)
+        try:
+          raw, _ = source.load(tf.constant(idx, tf.int64))
+          if raw.dtype == tf.string:
+            preprocess.decode_rgb(raw)
+        except tf.errors.OpError as e:
+          reason = _op_error_text(e)
+          return ValueError(
+              f'Cannot read {source.example_name(idx)} of {source.describe}: {reason}.\n'
+              'Fix: replace or delete it (images must be valid JPEG or PNG files).')
+    return RuntimeError(f'Reading {source.describe} failed at step {step}: {_op_error_text(error)}\n'
+                        'Fix: check that the dataset files are complete and readable '
+                        '(re-prepare a TFDS dataset with `tfds build`).')
+
+  return diagnose
+
+
+def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size: int,
+                   image_size: int, seed: int, start_step: int = 0,
+                   process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+  """This host's batches of the global stream, from step `start_step` on.
+
+  Args:
+    dataset_cfg: `config.dataset` (fields of `default_dataset_config()`).
+    split: split name (TFDS split string, ImageFolder subdirectory, embedded 'train'/'test').
+    mode: 'pretrain' | 'linear_probe' | 'finetune' (shuffled, augmented, repeats forever) or
+      'eval' (resize + centre crop, one pass in order, last batch padded).
+    global_batch_size: batch over all hosts; each host yields `global_batch_size // P`.
+    image_size: output height and width.
+    seed: seed of the epoch permutations and the augmentation.
+    start_step: the first batch yielded is batch `start_step` of an uninterrupted run.
+    process_index, process_count: this host and the host count (default: from JAX).
+
+  Returns:
+    An iterator of dicts of NumPy arrays: 'image' float32 (B, S, S, 3) normalised,
+    'label' int32 (B,) (-1 on padding), 'index' int64 (B,) global stream positions, and in
+    'eval' mode 'valid' bool (B,), False on the padding that completes the last batch.
+  """
+  cfg = _resolve_config(dataset_cfg)
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}: use one of {MODES}.')
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'The global batch size {global_batch_size} must be a positive multiple of '
+                     f'the process count {process_count}: change config.batch_size.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is outside [0, {process_count}).')
+  if image_size <= 0 or start_step < 0:
+    raise ValueError(f'image_size ({image_size}) must be positive and start_step ({start_step}) '
+                     'non-negative.')
+  host_batch = global_batch_size // process_count
+  train = mode != 'eval'
+  transform = _example_transform(cfg, mode, image_size, seed)
+  source = data_sources.open_source(cfg, split, image_size)
+  n = source.num_examples
+  num_steps = None if train else -(-n // global_batch_size)
+  element = _element_fn(transform, source.load, n, image_size, train, seed)
+
+  if source.load is not None:
+    # Host-local index i -> global position of this host's slice of batch i // host_batch.
+    stop = 2**62 if train else num_steps * host_batch
+    ds = tf.data.Dataset.range(start_step * host_batch, max(stop, start_step * host_batch)).map(
+        lambda i: (i // host_batch) * global_batch_size + process_index * host_batch
+        + i % host_batch)
+    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = _sequential_records(source, train=train, seed=seed, shuffle_buffer=cfg.shuffle_buffer,
+                             start=start_step * global_batch_size,
+                             padded_total=(num_steps or 0) * global_batch_size)
+    # Keep this host's slice before decoding anything.
+    ds = ds.filter(lambda g, r, l: (g % global_batch_size) // host_batch == process_index)
+    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
+
+  mean, std = tuple(cfg.mean), tuple(cfg.std)
+
+  def finalize(batch):
+    if batch['image'].dtype == tf.uint8:
+      batch['image'] = preprocess.normalize(batch['image'], mean, std)
+    return batch
+
+  ds = ds.batch(host_batch, drop_remainder=True).map(finalize, num_parallel_calls=tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+  positions = functools.partial(_host_positions, global_batch=global_batch_size,
+                                host_batch=host_batch, process_index=process_index)
+  return _BatchIterator(ds, _diagnose_fn(source, positions, train, seed), start_step)
