@@ -1,0 +1,170 @@
+"""The paper's downstream recipes as configs (MAE.md section 4), for configs/*.py.
+
+`finetune_config(size)`: end-to-end fine-tuning (FINETUNE.md / paper Table 9),
+`partial_finetune_config(size, k)`: the same with only the last k blocks trained (Figure 9),
+`linear_probe_config(size)`: linear probing (paper Table 10). `size` is 'vit_b', 'vit_l',
+'vit_h', 'demo' (the CPU demo: the model of configs/demo.py on the embedded photos) or
+'cifar10' (the demo model on a CIFAR-10 ImageFolder: pass --config.dataset.data_dir).
+"""
+from typing import Optional, Tuple
+
+import ml_collections
+from ml_collections import config_dict
+
+from mae_jax import presets
+
+# Per size: (base lr, layer decay, epochs, drop path), batch 1024 (MAE.md section 4).
+FINETUNE_RECIPES = {
+    'vit_b': (5e-4, 0.65, 100, 0.1),
+    'vit_l': (1e-3, 0.75, 50, 0.2),
+    'vit_h': (1e-3, 0.75, 50, 0.3),
+}
+LINEAR_PROBE_EPOCHS = {'vit_b': 90, 'vit_l': 50, 'vit_h': 50}
+PAPER_SIZES = tuple(FINETUNE_RECIPES)
+SMALL_SIZES = ('demo', 'cifar10')
+# The encoder of configs/demo.py (the pretraining CPU demo), which the small configs load.
+DEMO_MODEL = 'small_cpu'
+
+
+def _dataset(size: str) -> ml_collections.ConfigDict:
+  from mae_jax import pretrain_config  # pylint: disable=g-import-not-at-top
+  if size == 'demo':
+    return pretrain_config.dataset_config(source='embedded', train_split='train',
+                                          eval_split='test')
+  if size == 'cifar10':
+    # ImageFolder root holding train/ and test/ (the unpacked cifar10-jpeg.tar.gz).
+    return pretrain_config.dataset_config(
+        source='imagefolder', train_split='train', eval_split='test',
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+  return pretrain_config.dataset_config(source='tfds', name='imagenet2012',
+                                        train_split='train', eval_split='validation')
+
+
+def _parse_size(size: str) -> str:
+  if size not in PAPER_SIZES + SMALL_SIZES:
+    raise ValueError(f'Unknown config argument {size!r}: use one of {PAPER_SIZES + SMALL_SIZES}, '
+                     f'e.g. --config=configs/finetune.py:vit_b.')
+  return size
+
+
+def _common(size: str, job: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.job = job
+  config.model = presets.model_config(DEMO_MODEL if size in SMALL_SIZES else size)
+  config.dataset = _dataset(size)
+  config.num_classes = config_dict.placeholder(int)  # None: from the dataset
+  # A pretraining workdir, one of its checkpoints/<step> dirs, or a save_params dir
+  # (e.g. a converted PyTorch release). Required unless allow_random_init.
+  config.init_from = config_dict.placeholder(str)
+  config.allow_random_init = False  # the random-init baseline, on purpose only
+  config.eval_only = False
+  config.eval_from = config_dict.placeholder(str)  # eval_only: default the workdir's latest
+  config.seed = 0
+  config.total_steps = -1  # > 0 overrides num_epochs
+  config.warmup_steps = -1  # >= 0 overrides warmup_epochs
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # <= 0: once per epoch, as the reference
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 2
+  config.async_checkpointing = True
+  config.prefetch_batches = 2
+  return config
+
+
+def _small_schedule(config: ml_collections.ConfigDict, size: str, batch: int,
+                    log_every: int, epochs: int = 1, steps: int = -1) -> None:
+  """CPU-sized runs. The embedded set has one training photo per class (fewer than a
+  batch), so the demo counts steps; warmup is a tenth of the run, eval every third."""
+  config.batch_size = batch
+  config.eval_batch_size = 256 if size == 'cifar10' else 72
+  config.num_epochs = epochs
+  config.log_every_steps = log_every
+  config.checkpoint_every_steps = 500
+  if steps > 0:
+    config.total_steps = steps
+    config.warmup_steps = steps // 10
+    config.eval_every_steps = steps // 3
+
+
+def finetune_config(size: str, trainable_blocks: Optional[int] = None
+                    ) -> ml_collections.ConfigDict:
+  """End-to-end fine-tuning recipe for `size` (trainable_blocks=k: partial fine-tuning)."""
+  size = _parse_size(size)
+  config = _common(size, 'finetune')
+  # None: every parameter trains. k: the last k blocks + final norm + head (Figure 9).
+  config.trainable_blocks = config_dict.placeholder(int)
+  config.trainable_blocks = trainable_blocks
+  config.global_pool = True
+  config.head_init_std = 2e-5
+  config.batch_size = 1024
+  config.eval_batch_size = 1024
+  base_lr, decay, epochs, drop_path = FINETUNE_RECIPES.get(size, (1e-3, 0.75, 100, 0.1))
+  config.base_lr = base_lr  # lr = base_lr * batch_size / 256
+  config.layer_decay = decay
+  config.drop_path_rate = drop_path
+  config.num_epochs = epochs
+  config.warmup_epochs = 5.0
+  config.min_lr = 1e-6
+  config.weight_decay = 0.05
+  config.b1, config.b2 = 0.9, 0.999
+  config.mixup, config.cutmix = 0.8, 1.0  # alphas; both 0 turns mixup/cutmix off
+  config.mixup_switch_prob = 0.5
+  # Mixup pairs examples within a group: 0 = each device's batch (the reference mixes
+  # each GPU's 32 images); 32 = groups of 32 by global index, the reference's pairing on
+  # any device count (the per-device batch must be a multiple).
+  config.mixup_group_size = 0
+  config.label_smoothing = 0.1
+  if size in SMALL_SIZES:
+    # Two CPU cores: a few minutes. Layer decay as ViT-B; 4 blocks instead of 12.
+    config.layer_decay = 0.75
+    config.drop_path_rate = 0.1
+    if size == 'demo':
+      _small_schedule(config, size, batch=32, steps=300, log_every=50)
+    else:
+      _small_schedule(config, size, batch=256, log_every=50, epochs=2)
+      config.warmup_epochs = 0.2
+  return config
+
+
+def partial_finetune_config(size: str, trainable_blocks: int) -> ml_collections.ConfigDict:
+  """Fine-tuning recipe with only the last `trainable_blocks` blocks (plus norm, head) trained.
+
+  The paper keeps the fine-tuning recipe and picks 50, 100 or 200 epochs per block
+  count (fewer blocks want longer schedules): set --config.num_epochs accordingly.
+  """
+  return finetune_config(size, trainable_blocks)
+
+
+def linear_probe_config(size: str) -> ml_collections.ConfigDict:
+  """Linear-probe recipe for `size`: LARS, base lr 0.1, batch 16384, BN + linear head."""
+  size = _parse_size(size)
+  config = _common(size, 'linear_probe')
+  config.global_pool = False  # the normed cls token, main_linprobe.py's default
+  config.head_init_std = 0.01
+  config.drop_path_rate = 0.0  # frozen encoder: no stochastic depth
+  config.batch_size = 16384
+  config.eval_batch_size = 1024
+  config.base_lr = 0.1
+  config.min_lr = 0.0
+  config.weight_decay = 0.0
+  config.momentum = 0.9
+  config.trust_coefficient = 0.001
+  config.num_epochs = LINEAR_PROBE_EPOCHS.get(size, 90)
+  config.warmup_epochs = 10.0
+  if size == 'demo':
+    _small_schedule(config, size, batch=32, steps=300, log_every=50)
+  elif size == 'cifar10':
+    _small_schedule(config, size, batch=256, log_every=50, epochs=2)
+    config.warmup_epochs = 0.2
+  return config
+
+
+def parse_partial_arg(arg: str) -> Tuple[str, int]:
+  """'vit_l,4' or 'vit_l,k=4' or 'vit_l' (k = 1) -> ('vit_l', 4)."""
+  size, _, k = arg.partition(',')
+  k = k.split('=')[-1].strip() if k else '1'
+  try:
+    return size.strip(), int(k)
+  except ValueError:
+    raise ValueError(f'Cannot read the block count from {arg!r}: write e.g. '
+                     f'--config=configs/partial_finetune.py:vit_l,4.') from None

@@ -1,0 +1,246 @@
+"""The training loop shared by linear probing and (partial) fine-tuning.
+
+`train_and_evaluate(config, workdir, ...)` checks the config and the checkpoints
+first, initialises the classifier from `config.init_from` (or resumes the latest
+checkpoint in `workdir`), then runs the pmapped step, evaluates top-1/top-5 on the
+eval split every `eval_every_steps` and at the end, saves orbax checkpoints and logs to
+TensorBoard and `metrics.jsonl` like pretraining. `config.eval_only=True` evaluates a
+checkpoint (`config.eval_from`, default the workdir's latest) and appends the result to
+`eval_only.jsonl`.
+
+Checkpoints hold the WHOLE classifier under `params` (so `checkpoint.load_params` on a
+downstream workdir gives a tree that `init_from` and `eval_from` accept) and, under
+`opt_state`, `{'opt_state': trained params' optimizer state, 'batch_stats': BN stats}`.
+"""
+import json
+import time
+from typing import Any, Callable, Dict, Iterator, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import jax_utils, traverse_util
+
+from mae_jax import checkpoint, downstream, input_pipeline, metrics_log, optim, pretrain
+from mae_jax.downstream import AXIS, TrainState
+
+EVAL_ONLY_FILE = 'eval_only.jsonl'
+
+
+def shard(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Host batch (B, ...) -> (local_devices, B / local_devices, ...), every field kept."""
+  n = jax.local_device_count()
+  return jax.tree_util.tree_map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
+                  ) -> Tuple[Callable[[Any], Any], int, int]:
+  """(lr schedule, total_steps, warmup_steps): warmup + half-cycle cosine, lr scaled by batch."""
+  total, warmup = pretrain.schedule_steps(config, steps_per_epoch)
+  peak = optim.scaled_lr(config.base_lr, config.batch_size)
+  return optim.warmup_cosine_schedule(peak, warmup, total, config.min_lr), total, warmup
+
+
+def evaluate(p_eval_step, state: TrainState, batches: Iterator[Dict[str, np.ndarray]]
+             ) -> Dict[str, float]:
+  """Top-1/top-5 (percent) and loss over one pass of the eval split (valid examples only)."""
+  totals = None
+  for batch in batches:
+    sums = jax.tree_util.tree_map(lambda x: np.asarray(x[0], np.float64),
+                                  p_eval_step(state, shard(batch)))
+    totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+  if totals is None:
+    raise ValueError('The evaluation split is empty: check config.dataset.eval_split.')
+  return downstream.summarize_eval(totals)
+
+
+def _eval_batches(config, image_size: int):
+  return input_pipeline.create_dataset(
+      config.dataset, split=config.dataset.eval_split, mode='eval',
+      global_batch_size=config.eval_batch_size, image_size=image_size, seed=config.seed)
+
+
+def _save(manager, state: TrainState, record: Dict[str, Any], config) -> None:
+  state = downstream.unreplicate(state)
+  checkpoint.save_train_checkpoint(
+      manager, int(state.step), downstream.merge_params(state.params, state.frozen),
+      {'opt_state': state.opt_state, 'batch_stats': state.batch_stats}, record,
+      config.to_dict())
+
+
+def _restore(manager, step: int, state: TrainState, make_state) -> TrainState:
+  """Restores `step` into a state shaped like `state` (unreplicated)."""
+  params, extra = checkpoint.restore_train_checkpoint(
+      manager, step, downstream.merge_params(state.params, state.frozen),
+      {'opt_state': state.opt_state, 'batch_stats': state.batch_stats})
+  restored = make_state(params, extra['batch_stats'])
+  return restored.replace(opt_state=jax.tree_util.tree_map(jnp.asarray, extra['opt_state']),
+                          step=step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_mode: str,
+                       create_train_state: Callable[..., TrainState],
+                       train_step: Callable[[int], Callable]) -> Dict[str, float]:
+  """Runs a downstream job; returns the final (or eval-only) eval metrics.
+
+  Args:
+    config: a configs/linear_probe.py, finetune.py or partial_finetune.py config.
+    workdir: where checkpoints, metrics.jsonl and TensorBoard events go.
+    data_mode: input_pipeline mode of the training split ('linear_probe' or 'finetune').
+    create_train_state: (model, params, batch_stats, schedule) -> TrainState.
+    train_step: num_classes -> pure step (state, batch, rng) -> (state, metrics).
+  """
+  metrics_log.quiet_library_logs()
+  # 1. Everything that can be wrong (config, devices, checkpoints, data) fails here.
+  downstream.check_config(config)
+  pretrain.local_batch_size(config.batch_size)
+  pretrain.local_batch_size(config.eval_batch_size)
+  ds = config.dataset
+  num_classes = int(config.get('num_classes') or input_pipeline.num_classes(ds))
+  model = downstream.build_classifier(config, num_classes)
+  record = downstream.model_record(config, num_classes)
+  image_size = pretrain._image_size(config)  # pylint: disable=protected-access
+  steps_per_epoch = input_pipeline.num_examples(ds, ds.train_split) // config.batch_size
+  if steps_per_epoch == 0 and config.total_steps <= 0:
+    raise ValueError(f'config.batch_size={config.batch_size} exceeds the training split; '
+                     f'lower it or set config.total_steps.')
+  schedule, total_steps, warmup = make_schedule(config, steps_per_epoch)
+  make_state = lambda params, batch_stats: create_train_state(model, params, batch_stats,
+                                                              schedule)
+  host_schedule = jax.jit(schedule)
+  p_eval_step = jax.pmap(downstream.eval_step, axis_name=AXIS)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  if config.get('eval_only'):
+    return evaluate_only(config, workdir, model, make_state, p_eval_step, init_rng)
+  latest = checkpoint.check_workdir_compatible(workdir, record, config.to_dict())
+
+  # 2. The classifier from the pretrained encoder, or the state to continue from.
+  if latest is None:
+    params, batch_stats = downstream.init_params(model, config, init_rng, checkpoint.load_params)
+  else:
+    params, batch_stats = _fresh_init(model, init_rng)
+  state = make_state(params, batch_stats)
+  manager = checkpoint.create_manager(workdir, config.keep_checkpoints,
+                                      config.async_checkpointing)
+  if latest is not None:
+    state = _restore(manager, latest, state, make_state)
+    logging.info('Resumed from %s at step %d.', manager.directory, latest)
+  start_step = int(state.step)
+  logging.info('%s: %d classes, %d trained / %d frozen params; %d steps (%d warmup, %d per '
+               'epoch), global batch %d, peak lr %.3g, from step %d.', config.job, num_classes,
+               _size(state.params), _size(state.frozen), total_steps, warmup, steps_per_epoch,
+               config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size), start_step)
+  state = downstream.replicate(state)
+  p_train_step = jax.pmap(train_step(num_classes), axis_name=AXIS, in_axes=(0, 0, None),
+                          donate_argnums=(0,))
+  train_iter = input_pipeline.create_dataset(
+      ds, split=ds.train_split, mode=data_mode, global_batch_size=config.batch_size,
+      image_size=image_size, seed=config.seed, start_step=start_step)
+  batches = jax_utils.prefetch_to_device(map(shard, train_iter), config.prefetch_batches)
+  is_main = jax.process_index() == 0
+  logger = metrics_log.TrainLogger(workdir, total_steps, start_step, config.batch_size, is_main)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else max(steps_per_epoch, 1)
+
+  # 3. The loop. Metrics stay on device until a log step, so dispatch runs ahead.
+  result: Dict[str, float] = {}
+  pending = []
+  for step in range(start_step + 1, total_steps + 1):
+    state, metrics = p_train_step(state, next(batches), jax.random.fold_in(train_rng, step))
+    pending.append(metrics)
+    if step == start_step + 1:
+      jax.block_until_ready(metrics)
+      logger.restart_clock(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      summary = {f'train/{k}': float(np.mean(v)) for k, v in jax.tree_util.tree_map(
+          lambda *xs: np.stack([x[0] for x in xs]), *jax.device_get(pending)).items()}
+      pending = []
+      if not np.isfinite(summary['train/loss']):
+        raise FloatingPointError(
+            f'Loss is {summary["train/loss"]} at step {step}; the last checkpoint is step '
+            f'{manager.latest_step()}. Lower config.base_lr or train in float32.')
+      summary['train/lr'] = float(host_schedule(step - 1))
+      logger.log_train(step, summary)
+    if step % eval_every == 0 or step == total_steps:
+      result = evaluate(p_eval_step, state, _eval_batches(config, image_size))
+      logging.info('step %d: eval top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)', step,
+                   result['top1'], result['top5'], result['loss'], int(result['count']))
+      logger.log_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+    preempted = manager.reached_preemption(step)
+    if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
+      _save(manager, state, record, config)
+    if preempted and step < total_steps:
+      logging.warning('Preempted: saved step %d, stopping; rerun the same command to resume.',
+                      step)
+      break
+  manager.wait_until_finished()
+  manager.close()
+  logger.close()
+  if not result:  # resumed a finished run: report its accuracy
+    result = evaluate(p_eval_step, state, _eval_batches(config, image_size))
+  return result
+
+
+def _size(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _fresh_init(model, rng) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  variables = downstream.init_variables(model, rng)
+  return dict(variables['params']), dict(variables.get('batch_stats', {}))
+
+
+def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng
+                  ) -> Dict[str, float]:
+  """Evaluates the checkpoint at `config.eval_from` (default: `workdir`'s latest step).
+
+  A training checkpoint restores params and BatchNorm statistics; a params-only
+  directory (save_params, a converted fine-tuned release) must hold the whole classifier.
+  """
+  source = config.get('eval_from') or workdir
+  ckpt_dir = checkpoint.resolve_checkpoint(source)
+  params, batch_stats = _fresh_init(model, rng)
+  template = make_state(params, batch_stats)
+  if (ckpt_dir / checkpoint.OPT_STATE_ITEM).exists() and ckpt_dir.name.isdigit():
+    step = int(ckpt_dir.name)
+    manager = checkpoint.create_manager(str(ckpt_dir.parent.parent), None, False)
+    state = _restore(manager, step, template, make_state)
+    manager.close()
+  else:
+    loaded, _ = checkpoint.load_params(str(ckpt_dir))
+    loaded = _select_like(downstream.merge_params(template.params, template.frozen), loaded,
+                          str(ckpt_dir))
+    if template.batch_stats:
+      raise ValueError(f'{ckpt_dir} holds params only, but the linear probe also needs its '
+                       f'BatchNorm statistics: evaluate a linear-probe training workdir.')
+    state = make_state(loaded, batch_stats).replace(step=0)
+  metrics = evaluate(p_eval_step, downstream.replicate(state),
+                     _eval_batches(config, pretrain._image_size(config)))  # pylint: disable=protected-access
+  result = {'checkpoint': str(ckpt_dir), 'step': int(state.step),
+            **{f'eval/{k}': v for k, v in metrics.items()}}
+  logging.info('Eval-only %s: top-1 %.2f%%, top-5 %.2f%% on %d examples.', ckpt_dir,
+               metrics['top1'], metrics['top5'], int(metrics['count']))
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    with (path / EVAL_ONLY_FILE).open('a') as f:
+      f.write(json.dumps({'time': time.time(), **result}) + '\n')
+  return metrics
+
+
+def _select_like(expected: Dict[str, Any], loaded: Dict[str, Any], source: str
+                 ) -> Dict[str, Any]:
+  """The entries of `loaded` that the classifier has, each checked for shape."""
+  exp = traverse_util.flatten_dict(dict(expected), sep='/')
+  got = traverse_util.flatten_dict(dict(loaded), sep='/')
+  for key, value in exp.items():
+    if key not in got:
+      raise ValueError(f'{source} lacks {key}: it is not a checkpoint of this classifier '
+                       f'(config.model, num_classes, global_pool must match the trained one).')
+    if tuple(got[key].shape) != tuple(value.shape):
+      raise ValueError(f'{key} has shape {tuple(got[key].shape)} in {source} but '
+                       f'{tuple(value.shape)} in the config: set config.model / num_classes '
+                       f'to those the checkpoint was trained with.')
+  return traverse_util.unflatten_dict({k: got[k] for k in exp}, sep='/')
