@@ -1,0 +1,372 @@
+"""MAE pretraining: the job behind `python -m mae_jax.main --config=configs/vit_b.py --workdir=...`.
+
+Read top to bottom: `create_train_state`, `train_step` (pure, pmapped over the local
+devices, gradients averaged with `lax.pmean`), `train_and_evaluate` (data, resume,
+loop, logs, pictures, checkpoints).
+
+Randomness: parameters are initialised from `split(PRNGKey(seed))[0]`; the masks of step
+`s` use `fold_in(train_key, s)` folded again with each example's global stream index, so
+a run gives the same masks on any number of devices or hosts and a resumed run continues
+exactly.
+"""
+import functools
+from typing import Any, Callable, Dict, List, NamedTuple, Tuple
+
+from absl import logging
+from flax import jax_utils
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mae_jax import checkpoint
+from mae_jax import input_pipeline
+from mae_jax import metrics_log
+from mae_jax import optim
+from mae_jax import visualize
+from mae_jax.mae import MaskedAutoencoder
+from mae_jax.patches import to_2tuple
+from mae_jax.pretrain_config import CONFIG_FIELDS, pretrain_config  # pylint: disable=unused-import
+
+AXIS_NAME = 'batch'
+Batch = Dict[str, np.ndarray]
+
+
+class TrainState(train_state.TrainState):
+  """Step, params, optimiser state (flax's TrainState; `apply_fn`/`tx` are static)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration checks: everything that can be wrong is found before anything compiles.
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field and the fix for a config this job cannot run."""
+  unknown = sorted(set(config.keys()) - set(CONFIG_FIELDS))
+  if unknown:
+    raise ValueError(f'Unknown config field(s) {unknown} for a pretraining config. Known '
+                     f'fields: {sorted(CONFIG_FIELDS)}. Fix the spelling in the config file.')
+  missing = sorted(set(CONFIG_FIELDS) - set(config.keys()))
+  if missing:
+    raise ValueError(f'Config lacks field(s) {missing}; start the config from '
+                     f'mae_jax.pretrain_config.pretrain_config(model_name).')
+  if config.batch_size <= 0:
+    raise ValueError(f'config.batch_size must be positive, got {config.batch_size}.')
+  for field in ('log_every_steps', 'checkpoint_every_steps', 'visualize_every_steps'):
+    if config[field] <= 0:
+      raise ValueError(f'config.{field} must be positive, got {config[field]}.')
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """The per-process batch; raises unless it splits evenly over processes and local devices."""
+  processes, devices = jax.process_count(), jax.local_device_count()
+  if global_batch_size % (processes * devices):
+    raise ValueError(
+        f'config.batch_size={global_batch_size} is not divisible by the number of devices '
+        f'({processes} process(es) x {devices} local device(s) = {processes * devices}). '
+        f'Use a multiple of {processes * devices}, e.g. '
+        f'--config.batch_size={max(1, global_batch_size // (processes * devices)) * processes * devices}.')
+  return global_batch_size // processes
+
+
+def create_model(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
+  """`MaskedAutoencoder(**config.model)` with a clear error for unknown fields."""
+  try:
+    return MaskedAutoencoder(**config.model)
+  except TypeError as e:
+    raise ValueError(f'config.model does not fit MaskedAutoencoder: {e}. Start config.model '
+                     f'from mae_jax.presets.model_config(name).') from e
+
+
+def schedule_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Tuple[int, int]:
+  """(total_steps, warmup_steps) from explicit steps or from epochs."""
+  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  warmup = (config.warmup_steps if config.warmup_steps >= 0
+            else int(round(config.warmup_epochs * steps_per_epoch)))
+  if total <= 0:
+    raise ValueError('Nothing to train: set config.total_steps or config.num_epochs > 0.')
+  if warmup > total:
+    raise ValueError(f'Warmup ({warmup} steps) is longer than training ({total} steps): lower '
+                     f'config.warmup_epochs / config.warmup_steps.')
+  return total, warmup
+
+
+def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optim.WarmupCosine:
+  """The per-step lr: `base_lr * batch_size / 256`, linear warmup, half-cycle cosine."""
+  total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
+  return optim.warmup_cosine_schedule(optim.scaled_lr(config.base_lr, config.batch_size),
+                                      warmup_steps, total_steps, config.min_lr)
+
+
+# ---------------------------------------------------------------------------------------
+# State and step.
+
+
+def optimizer_args(config: ml_collections.ConfigDict) -> Tuple:
+  """The AdamW hyper-parameters of `config.optimizer` as a hashable tuple."""
+  opt = config.optimizer
+  return (float(opt.weight_decay), float(opt.b1), float(opt.b2), float(opt.eps),
+          tuple(opt.no_decay_names))
+
+
+class TrainingFunctions(NamedTuple):
+  """Everything compiled for one (model, optimiser, schedule); see `training_functions`."""
+  model: MaskedAutoencoder
+  tx: optax.GradientTransformation
+  init: Callable
+  p_train_step: Callable
+  reconstruct: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def training_functions(model: MaskedAutoencoder, opt_args: Tuple,
+                       schedule: optax.Schedule) -> TrainingFunctions:
+  """Builds (once per process and setting) the optimiser and the jitted/pmapped functions.
+
+  Cached because jax caches compilations per function object: a second
+  `train_and_evaluate` with the same model, optimiser and schedule (a resumed run in a
+  notebook, the tests) reuses the compiled init, step and reconstruction.
+  """
+  weight_decay, b1, b2, eps, no_decay_names = opt_args
+  shapes = jax.eval_shape(model.init, {'params': jax.random.PRNGKey(0),
+                                       'mask': jax.random.PRNGKey(0)}, _dummy_images(model))
+  tx = optim.adamw(schedule, shapes['params'], weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
+                   no_decay_names=no_decay_names)
+  reconstruct = jax.jit(lambda params, images, rng: model.apply(
+      {'params': params}, images, rngs={'mask': rng}))
+  return TrainingFunctions(model=model, tx=tx, init=jax.jit(model.init),
+                           p_train_step=make_p_train_step(schedule), reconstruct=reconstruct)
+
+
+def _dummy_images(model: MaskedAutoencoder) -> jax.ShapeDtypeStruct:
+  h, w = to_2tuple(model.img_size)
+  return jax.ShapeDtypeStruct((1, h, w, model.in_chans), jnp.float32)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: MaskedAutoencoder,
+                       rng: jax.Array, schedule: optax.Schedule) -> TrainState:
+  """Initialises parameters (on the default device) and the AdamW state (step 0)."""
+  fns = training_functions(model, optimizer_args(config), schedule)
+  dummy = jnp.zeros(_dummy_images(model).shape, jnp.float32)
+  params = fns.init({'params': rng, 'mask': rng}, dummy)['params']
+  return TrainState.create(apply_fn=fns.model.apply, params=params, tx=fns.tx)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array,
+               schedule: optax.Schedule) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One AdamW step on this device's shard; gradients and metrics averaged over all devices.
+
+  Args:
+    state: the (replicated) train state.
+    batch: {'image': (b, H, W, C), 'index': (b,) global example indices}.
+    rng: the run's training key; step s masks with `fold_in(rng, s)`, and example i
+      with that folded with `batch['index'][i]`.
+    schedule: the learning-rate schedule (bound before pmap), for logging.
+  """
+  mask_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    loss, _, _ = state.apply_fn({'params': params}, batch['image'],
+                                example_ids=batch['index'], rngs={'mask': mask_rng})
+    return loss
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  # Every shard removes the same number of patches, so the mean of per-shard losses
+  # (and gradients) is the loss (gradient) of the whole global batch.
+  grads = jax.lax.pmean(grads, AXIS_NAME)
+  loss = jax.lax.pmean(loss, AXIS_NAME)
+  metrics = {'loss': loss, 'lr': schedule(state.step), 'grad_norm': optax.global_norm(grads)}
+  return state.apply_gradients(grads=grads), metrics
+
+
+def make_p_train_step(schedule: optax.Schedule, devices=None) -> Callable:
+  """`train_step` pmapped over `devices` (default: all local ones), donating the state's buffers.
+
+  Donation lets XLA update parameters and optimiser moments in place instead of
+  holding two copies of the state.
+  """
+  return jax.pmap(functools.partial(train_step, schedule=schedule), axis_name=AXIS_NAME,
+                  in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
+
+
+def shard_batch(batch: Batch) -> Batch:
+  """Host batch -> (local_devices, per_device, ...), keeping what the step uses.
+
+  Indices go in as int32: they key the mask together with the step, so only their
+  uniqueness within a step matters (wrap-around beyond 2**31 is harmless).
+  """
+  n = jax.local_device_count()
+  out = {'image': batch['image'], 'index': batch['index'].astype(np.int32)}
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), out)
+
+
+def summarize(step_metrics: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
+  """Per-step metrics (each replicated over devices) -> means over the steps; lr of the last."""
+  summary = {k: float(np.mean([m[k][0] for m in step_metrics])) for k in step_metrics[0]}
+  summary['lr'] = float(step_metrics[-1]['lr'][0])
+  return summary
+
+
+def unreplicate(tree: Any) -> Any:
+  """First device's copy of a replicated tree."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+# ---------------------------------------------------------------------------------------
+# Reconstruction pictures from a fixed held-out batch.
+
+
+class Visualizer:
+  """Reconstructs a fixed held-out batch with a fixed mask and writes the paper's figure."""
+
+  def __init__(self, model: MaskedAutoencoder, config: ml_collections.ConfigDict,
+               images: np.ndarray, workdir: str, reconstruct: Callable):
+    self.model = model
+    self.config = config
+    self.images = jnp.asarray(images)
+    self.out_dir = f'{workdir}/reconstructions'
+    self.rng = jax.random.PRNGKey(config.seed + 1)
+    self._apply = reconstruct
+
+  def __call__(self, step: int, params: Any) -> Tuple[float, np.ndarray]:
+    """Writes reconstructions/step_XXXXXXX.png; returns (held-out loss, picture)."""
+    loss, pred, mask = self._apply(params, self.images, self.rng)
+    panels = visualize.reconstruction_panels(
+        self.images, pred, mask, self.model.patch_size, self.model.norm_pix_loss,
+        self.config.dataset.mean, self.config.dataset.std)
+    picture = visualize.grid_image(panels)
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+    visualize.save_png(f'{self.out_dir}/step_{step:07d}.png', picture)
+    return float(loss), picture
+
+
+def heldout_images(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The first `num_visualize` images of the eval split (centre crops, no augmentation)."""
+  ds = config.dataset
+  it = input_pipeline.create_dataset(
+      ds, split=ds.eval_split, mode='eval',
+      global_batch_size=config.num_visualize * jax.process_count(),
+      image_size=_image_size(config), seed=config.seed)
+  batch = next(iter(it))
+  images = batch['image']
+  if 'valid' in batch:
+    images = images[np.asarray(batch['valid'], bool)]
+  return images
+
+
+def _image_size(config: ml_collections.ConfigDict) -> int:
+  size = config.model.img_size
+  if not isinstance(size, int):
+    h, w = size
+    if h != w:
+      raise ValueError(f'The input pipeline makes square crops; config.model.img_size={size}.')
+    size = h
+  return size
+
+
+# ---------------------------------------------------------------------------------------
+# The job.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Pretrains (or resumes) in `workdir`; returns the final state (replicated over local devices).
+
+  Writes into `workdir`: checkpoints/<step>/ (params, optimiser state, config), metrics.jsonl,
+  TensorBoard events and reconstructions/step_*.png.
+  """
+  metrics_log.quiet_library_logs()
+  # 1. Everything that can be wrong with the config, devices, workdir or data fails here.
+  check_config(config)
+  local_batch_size(config.batch_size)
+  model = create_model(config)
+  latest = checkpoint.check_workdir_compatible(workdir, config.model.to_dict(), config.to_dict())
+  start_step = latest or 0
+  ds = config.dataset
+  steps_per_epoch = input_pipeline.num_examples(ds, ds.train_split) // config.batch_size
+  if steps_per_epoch == 0 and config.total_steps <= 0:
+    raise ValueError(f'config.batch_size={config.batch_size} exceeds the training split; '
+                     f'lower it or set config.total_steps.')
+  schedule = create_schedule(config, steps_per_epoch)
+  total_steps = schedule.total_steps
+  train_iter = input_pipeline.create_dataset(
+      ds, split=ds.train_split, mode='pretrain', global_batch_size=config.batch_size,
+      image_size=_image_size(config), seed=config.seed, start_step=start_step)
+  is_main = jax.process_index() == 0
+  vis_images = heldout_images(config) if is_main and config.num_visualize > 0 else None
+  logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
+               'device(s) in %d process(es), from step %d.', total_steps, schedule.warmup_steps,
+               steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count(),
+               start_step)
+
+  # 2. Model, optimiser, and the state to continue from.
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  fns = training_functions(model, optimizer_args(config), schedule)
+  state = create_train_state(config, model, init_rng, schedule)
+  visualizer = (None if vis_images is None else
+                Visualizer(model, config, vis_images, workdir, fns.reconstruct))
+  manager = checkpoint.create_manager(workdir, config.keep_checkpoints,
+                                      config.async_checkpointing)
+  if latest is not None:
+    params, opt_state = checkpoint.restore_train_checkpoint(
+        manager, latest, state.params, state.opt_state)
+    state = state.replace(step=latest, params=params, opt_state=opt_state)
+    logging.info('Resumed from %s at step %d.', manager.directory, latest)
+  # Replicated and batch arrays carry the pmap axis name in their sharding, like the step's
+  # outputs, so the step compiles once (a different mesh axis name would recompile it).
+  state = jax_utils.replicate(state, axis_name=AXIS_NAME)
+  p_train_step = fns.p_train_step
+
+  def save(step):
+    checkpoint.save_train_checkpoint(manager, step, unreplicate(state.params),
+                                     unreplicate(state.opt_state), config.model.to_dict(),
+                                     config.to_dict())
+
+  def picture(step):
+    if visualizer is not None:
+      loss, image = visualizer(step, unreplicate(state.params))
+      logging.info('step %d: held-out reconstruction loss %.4f', step, loss)
+      logger.log_scalars(step, {'heldout_loss': loss})
+      logger.write_image(step, 'reconstruction', image)
+
+  # 3. The loop. Metrics stay on device until a log step, so dispatch runs ahead.
+  logger = metrics_log.TrainLogger(workdir, total_steps, start_step, config.batch_size, is_main)
+  batches = jax_utils.prefetch_to_device(map(shard_batch, train_iter), config.prefetch_batches,
+                                        axis_name=AXIS_NAME)
+  if start_step == 0:
+    picture(0)
+  elif start_step >= total_steps:
+    logging.info('Step %d of %d reached already: nothing to train.', start_step, total_steps)
+  pending = []
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = p_train_step(state, next(batches), train_rng)
+      pending.append(metrics)
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)  # compiled and run once: speed is measured from here
+        logger.restart_clock(step)
+      preempted = manager.reached_preemption(step)
+      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+      if step % config.log_every_steps == 0 or save_now:  # never save a diverged state
+        summary = summarize(jax.device_get(pending))
+        pending = []
+        if not np.isfinite(summary['loss']):
+          raise FloatingPointError(
+              f'Loss is {summary["loss"]} at step {step}; the last checkpoint is step '
+              f'{manager.latest_step()}. Lower config.base_lr or train in float32.')
+        logger.log_train(step, summary)
+      if step % config.visualize_every_steps == 0 or step == total_steps:
+        picture(step)
+      if save_now:
+        save(step)
+      if preempted and step < total_steps:
+        logging.warning('Preempted: saved step %d, stopping; rerun the same command to resume.',
+                        step)
+        break
+  finally:
+    manager.wait_until_finished()  # async saves must land even when the loop fails
+    manager.close()
+    logger.close()
+  return state

@@ -1,0 +1,288 @@
+"""Pretraining job: recipe, schedule and weight decay vs the reference, the pmapped step,
+resume, refusal of incompatible workdirs, early errors, and the files a run leaves."""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mae_jax import checkpoint
+from mae_jax import input_pipeline
+from mae_jax import optim
+from mae_jax import pretrain
+from mae_jax import visualize
+from mae_jax.mae import normalize_patches
+from mae_jax.patches import patchify
+from mae_jax.pretrain_config import pretrain_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tree_allclose(a, b, **kw):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.allclose(x, y, **kw), a, b)))
+
+
+# --- Recipe, schedule, weight decay -----------------------------------------------------
+
+
+def reference_lr(epoch, lr, min_lr, warmup_epochs, epochs):
+  """The reference's util/lr_sched.adjust_learning_rate, called per iteration with a fractional epoch."""
+  if epoch < warmup_epochs:
+    return lr * epoch / warmup_epochs
+  return min_lr + (lr - min_lr) * 0.5 * (
+      1. + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_paper_recipe():
+  config = pretrain_config('vit_b')
+  assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.weight_decay) == (0.9, 0.95, 0.05)
+  assert (config.base_lr, config.batch_size, config.min_lr) == (1.5e-4, 4096, 0.0)
+  assert (config.num_epochs, config.warmup_epochs) == (1600, 40)
+  assert config.model.mask_ratio == 0.75 and config.model.norm_pix_loss
+  assert (config.dataset.source, config.dataset.name) == ('tfds', 'imagenet2012')
+  assert tuple(config.dataset.crop_scale) == (0.2, 1.0)
+  assert optim.scaled_lr(config.base_lr, config.batch_size) == pytest.approx(2.4e-3)
+  assert pretrain.schedule_steps(config, steps_per_epoch=312) == (1600 * 312, 40 * 312)
+  assert pretrain_config('vit_l', num_epochs=800).num_epochs == 800
+
+
+def test_schedule_matches_reference_per_iteration():
+  steps_per_epoch, warmup_epochs, epochs, lr, min_lr = 7, 3, 11, 2.4e-3, 1e-6
+  schedule = optim.warmup_cosine_schedule(lr, warmup_epochs * steps_per_epoch,
+                                          epochs * steps_per_epoch, min_lr)
+  steps = np.arange(epochs * steps_per_epoch + 1)
+  ours = np.asarray(jax.vmap(schedule)(steps))
+  ref = [reference_lr(s / steps_per_epoch, lr, min_lr, warmup_epochs, epochs) for s in steps]
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=lr * 1e-6)  # float32
+  assert ours[0] == 0.0 and ours[warmup_epochs * steps_per_epoch] == pytest.approx(lr)
+
+
+def test_weight_decay_mask_follows_timm_rule_of_the_reference():
+  config = load_config('tiny')
+  model = pretrain.create_model(config)
+  rngs = {'params': jax.random.PRNGKey(0), 'mask': jax.random.PRNGKey(0)}
+  params = jax.eval_shape(model.init, rngs, jnp.zeros((1, 32, 32, 3)))['params']
+  flat = {'.'.join(str(k.key) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  # timm's add_weight_decay with the empty skip list of main_pretrain.py, on torch-style names.
+  reference = {n: not (len(x.shape) == 1 or n.endswith('.bias')) for n, x in flat.items()}
+  mask = optim.weight_decay_mask(params, config.optimizer.no_decay_names)
+  ours = {'.'.join(str(k.key) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert ours == reference
+  assert ours['encoder.cls_token'] and ours['decoder.mask_token']  # 3-D: decayed in pretraining
+  assert not ours['encoder.norm.scale'] and not ours['encoder.blocks_0.attn.qkv.bias']
+  assert ours['encoder.patch_embed.kernel'] and ours['decoder.pred.kernel']
+  default = optim.weight_decay_mask(params)  # fine-tuning's list skips tokens and pos tables
+  assert not jax.tree.leaves(default['encoder']['cls_token'])[0]
+  assert not jax.tree.leaves(default['decoder']['mask_token'])[0]
+
+
+def test_adamw_matches_torch():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  params = {'fc': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=(3,))},
+            'cls_token': rng.normal(size=(1, 1, 4)), 'norm': {'scale': rng.normal(size=(4,))}}
+  params = jax.tree.map(lambda x: x.astype(np.float32), params)
+  schedule = optim.warmup_cosine_schedule(1e-2, 2, 6)
+  tx = optim.adamw(schedule, params, weight_decay=0.05, b1=0.9, b2=0.95, no_decay_names=())
+  opt_state = tx.init(params)
+  names = ['fc.kernel', 'fc.bias', 'cls_token', 'norm.scale']
+  get = {'fc.kernel': lambda t: t['fc']['kernel'], 'fc.bias': lambda t: t['fc']['bias'],
+         'cls_token': lambda t: t['cls_token'], 'norm.scale': lambda t: t['norm']['scale']}
+  tp = {n: torch.tensor(get[n](params), requires_grad=True) for n in names}
+  decay = [tp[n] for n in names if not (tp[n].ndim == 1 or n.endswith('bias'))]
+  no_decay = [tp[n] for n in names if tp[n].ndim == 1 or n.endswith('bias')]
+  topt = torch.optim.AdamW([{'params': no_decay, 'weight_decay': 0.},
+                            {'params': decay, 'weight_decay': 0.05}], lr=0.0, betas=(0.9, 0.95))
+  for step in range(5):
+    grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    for group in topt.param_groups:  # the reference sets the lr before every iteration
+      group['lr'] = float(schedule(step))
+    for n in names:
+      tp[n].grad = torch.tensor(get[n](grads))
+    topt.step()
+  for n in names:
+    np.testing.assert_allclose(get[n](params), tp[n].detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_norm_pix_reconstruction_is_denormalised_per_patch():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  perfect = np.asarray(normalize_patches(patchify(images, 4)))  # the norm-pix target itself
+  mask = np.ones((2, 16), np.float32)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  panels = visualize.reconstruction_panels(images, perfect, mask, 4, True, mean, std)
+  np.testing.assert_allclose(panels['reconstruction'], panels['original'], atol=1e-5)
+  raw = visualize.reconstruction_panels(images, perfect, mask, 4, False, mean, std)
+  assert np.abs(raw['reconstruction'] - raw['original']).max() > 0.1
+  grid = visualize.grid_image(panels)
+  assert grid.dtype == np.uint8 and grid.shape[0] > 2 * 16 and grid.shape[1] > 4 * 16
+
+
+# --- Runs of the job ---------------------------------------------------------------------
+
+
+def read_jsonl(workdir):
+  return [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """configs/tiny.py run to the end, uninterrupted (6 steps on 8 devices)."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  config = load_config('tiny')
+  state = pretrain.train_and_evaluate(config, str(workdir))
+  return dict(config=config, workdir=workdir, state=state)
+
+
+def test_run_writes_checkpoints_logs_pictures_and_learns(tiny_run):
+  workdir = tiny_run['workdir']
+  assert int(tiny_run['state'].step[0]) == 6
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [3, 6]
+  params, model_config = checkpoint.load_params(str(workdir))
+  assert model_config == tiny_run['config'].model.to_dict()
+  assert tree_allclose(params, pretrain.unreplicate(tiny_run['state'].params), rtol=0, atol=0)
+  assert list(workdir.glob('events.out.tfevents.*'))
+  assert sorted(p.name for p in (workdir / 'reconstructions').iterdir()) == [
+      'step_0000000.png', 'step_0000003.png', 'step_0000006.png']
+  records = read_jsonl(workdir)
+  train = [r for r in records if 'loss' in r]
+  heldout = {r['step']: r['heldout_loss'] for r in records if 'heldout_loss' in r}
+  assert [r['step'] for r in train] == [2, 3, 4, 6]
+  assert all(r['images_per_sec'] > 0 and r['lr'] >= 0 for r in train)
+  # A few real steps lower the loss, on the training stream and on the fixed held-out batch.
+  assert train[-1]['loss'] < train[0]['loss']
+  assert heldout[6] < 0.95 * heldout[0], heldout
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+  workdir = tmp_path / 'resumed'
+  config = load_config('tiny')
+  # A preemption notice at step 4: the run saves that step and stops.
+  monkeypatch.setattr(ocp.CheckpointManager, 'reached_preemption', lambda self, step: step == 4)
+  state = pretrain.train_and_evaluate(config, str(workdir))
+  assert int(state.step[0]) == 4
+  assert checkpoint.check_workdir_compatible(str(workdir), config.model.to_dict()) == 4
+  monkeypatch.undo()
+  state = pretrain.train_and_evaluate(config, str(workdir))  # the same command again
+  assert int(state.step[0]) == 6
+  resumed, _ = checkpoint.load_params(str(workdir))
+  uninterrupted, _ = checkpoint.load_params(str(tiny_run['workdir']))
+  assert tree_allclose(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+  steps = [r['step'] for r in read_jsonl(workdir) if 'loss' in r]
+  assert steps == [2, 3, 4, 6]  # no step logged twice, none missing
+  ref = {r['step']: r['loss'] for r in read_jsonl(tiny_run['workdir']) if 'loss' in r}
+  assert {r['step']: r['loss'] for r in read_jsonl(workdir) if 'loss' in r}[6] == pytest.approx(
+      ref[6], rel=1e-5)
+
+
+def _listing(workdir):
+  return sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob('*'))
+
+
+def test_incompatible_config_never_touches_existing_workdir(tiny_run):
+  workdir = tiny_run['workdir']
+  before = _listing(workdir)
+  config = load_config('tiny')
+  config.model.embed_dim = 32
+  with pytest.raises(checkpoint.CheckpointError, match=r'(?s)model.embed_dim: 64 -> 32.*--workdir'):
+    pretrain.train_and_evaluate(config, str(workdir))
+  assert _listing(workdir) == before
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('compiled before checking its input')
+  monkeypatch.setattr(pretrain, 'training_functions', fail)
+  monkeypatch.setattr(pretrain, 'create_train_state', fail)
+
+
+def test_bad_input_fails_before_compiling(no_compiling, tmp_path):
+  config = load_config('tiny')
+  config.batch_size = 12
+  with pytest.raises(ValueError, match=r'batch_size=12 is not divisible by the number of devices.*'
+                                       r'--config.batch_size=8'):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'a'))
+  config = load_config('tiny')
+  config.dataset.source, config.dataset.data_dir = 'imagefolder', str(tmp_path / 'no_such_dir')
+  with pytest.raises(FileNotFoundError, match='no_such_dir.*data_dir'):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'b'))
+  config = load_config('tiny')
+  config.num_visualise = 4  # misspelt field in a config file
+  with pytest.raises(ValueError, match=r"Unknown config field\(s\) \['num_visualise'\]"):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'c'))
+  assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
+
+
+def test_main_rejects_unknown_config_key(tmp_path):
+  workdir = tmp_path / 'w'
+  result = subprocess.run(
+      [sys.executable, '-m', 'mae_jax.main', '--config=configs/tiny.py', '--config.batch_sise=8',
+       f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode != 0
+  assert 'batch_sise' in result.stderr
+  assert not workdir.exists()
+
+
+# --- The step on devices ----------------------------------------------------------------
+
+
+def _drop_key_bias(params):
+  def drop(path, x):
+    if path[-2].key == 'qkv' and path[-1].key == 'bias':
+      d = x.shape[0] // 3
+      return np.concatenate([x[:d], x[2 * d:]])
+    return x
+  return jax.tree_util.tree_map_with_path(drop, params)
+
+
+def test_pmap_over_8_devices_equals_one_device(tiny_run):
+  assert jax.local_device_count() == 8
+  config = tiny_run['config']
+  model = pretrain.create_model(config)
+  schedule = pretrain.create_schedule(config, steps_per_epoch=0)
+  fns = pretrain.training_functions(model, pretrain.optimizer_args(config), schedule)
+  state = pretrain.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
+  stream = input_pipeline.create_dataset(
+      config.dataset, split='train', mode='pretrain', global_batch_size=config.batch_size,
+      image_size=32, seed=0)
+  batches = [next(stream), next(stream)]  # step 0 has lr 0 (warmup), step 1 moves the params
+  rng = jax.random.PRNGKey(3)
+  eight = jax_utils.replicate(state, axis_name=pretrain.AXIS_NAME)
+  one_device = jax.local_devices()[:1]
+  one = jax_utils.replicate(state, devices=one_device, axis_name=pretrain.AXIS_NAME)
+  p_one = pretrain.make_p_train_step(schedule, devices=one_device)
+  for batch in batches:
+    eight, m8 = fns.p_train_step(eight, pretrain.shard_batch(batch), rng)  # compiled by tiny_run
+    one_batch = {'image': batch['image'][None], 'index': batch['index'][None].astype(np.int32)}
+    one, m1 = p_one(one, one_batch, rng)
+    assert np.allclose(m8['loss'], m1['loss'][0], rtol=1e-5)
+    assert np.allclose(m8['grad_norm'], m1['grad_norm'][0], rtol=1e-4)
+  p8, p1 = pretrain.unreplicate(eight.params), pretrain.unreplicate(one.params)
+  # The key bias gets an exactly-zero gradient (softmax ignores a shift shared by all keys),
+  # so Adam turns float round-off in it into +-lr steps on both sides: leave that third out.
+  p8, p1 = _drop_key_bias(p8), _drop_key_bias(p1)
+  assert tree_allclose(p8, p1, rtol=1e-5, atol=1e-6)
+  # The step moved the parameters, so the comparison above is not vacuous.
+  assert not tree_allclose(pretrain.unreplicate(one.params), state.params, atol=1e-6)
