@@ -179,13 +179,23 @@ def _cubic(v1, v2, v3, v4, d):
   return v2 + d * (p2 + d * (p3 + d * p4))
 
 
+def _cubic_of_taps(v1, v2, v3, v4, d):
+  """`_cubic` on integer taps: the coefficients are exact integers, so they are formed in
+  int32 (cheaper) and only the polynomial runs in float64, as in PIL."""
+  p2 = tf.cast(v3 - v1, tf.float64)
+  p3 = tf.cast(2 * (v1 - v2) + v3 - v4, tf.float64)
+  p4 = tf.cast(v2 - v1 + v4 - v3, tf.float64)
+  return tf.cast(v2, tf.float64) + d * (p2 + d * (p3 + d * p4))
+
+
 def _taps(coord, size):
-  """Four edge-clamped tap indices and the fraction, for PIL coordinates `coord`."""
+  """PIL's four edge-clamped tap indices (tap-major list) and the fraction (..., 1) for
+  PIL coordinates `coord`."""
   pos = coord - 0.5
   base = tf.floor(pos)
-  frac = pos - base
-  taps = tf.cast(base, tf.int32)[..., None] + tf.constant([-1, 0, 1, 2])
-  return tf.clip_by_value(taps, 0, size - 1), frac
+  frac = (pos - base)[..., None]
+  base = tf.cast(base, tf.int32)
+  return [tf.clip_by_value(base + k, 0, size - 1) for k in (-1, 0, 1, 2)], frac
 
 
 def _to_uint8(v):
@@ -202,24 +212,36 @@ def _pixel_centres(height, width):
   return xs, ys
 
 
-def _shift_rows(image, a, b, c, fill):
-  """Affine with matrix (a, b, c, 0, 1, 0): every output pixel samples its own row, so
-  PIL's vertical cubic sits at d = 0 and returns that row exactly."""
+def _source_points(image, matrix):
+  """(flat int32 pixels (H*W, 3), width, src_x, src_y, inside) for an affine `matrix`."""
+  a, b, c, d, e, f = [_f64(m) for m in matrix]
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
   xs, ys = _pixel_centres(height, width)
-  src_x = a * xs + b * ys + c
+  src_x = a * xs + b * ys + c  # PIL: a * (x + .5) + b * (y + .5) + c, in double
+  src_y = d * xs + e * ys + f
+  inside = ((src_x >= 0.0) & (src_x < tf.cast(width, tf.float64)) &
+            (src_y >= 0.0) & (src_y < tf.cast(height, tf.float64)))
+  return tf.reshape(tf.cast(image, tf.int32), [-1, 3]), height, width, src_x, src_y, inside
+
+
+def _shift_rows(image, a, b, c, fill):
+  """Affine with matrix (a, b, c, 0, 1, 0): every output pixel samples its own row, so
+  PIL's vertical cubic sits at d = 0 and returns that row exactly."""
+  flat, height, width, src_x, _, inside = _source_points(image, (a, b, c, 0.0, 1.0, 0.0))
   cols, frac = _taps(src_x, width)
-  v = tf.cast(tf.gather(image, cols, axis=1, batch_dims=1), tf.float64)  # (H, W, 4, 3)
-  out = _cubic(v[..., 0, :], v[..., 1, :], v[..., 2, :], v[..., 3, :], frac[..., None])
-  return _fill_outside(_to_uint8(out), (src_x >= 0.0) & (src_x < tf.cast(width, tf.float64)),
-                       fill)
+  row_start = tf.range(height)[:, None] * width
+  v = [tf.gather(flat, col + row_start) for col in cols]  # 4 x (H, W, 3)
+  return _fill_outside(_to_uint8(_cubic_of_taps(*v, frac)), inside, fill)
 
 
 def _shift_columns(image, d, e, f, fill):
-  """Affine with matrix (1, 0, 0, d, e, f): `_shift_rows` on the transposed image."""
-  out = _shift_rows(tf.transpose(image, [1, 0, 2]), e, d, f, fill)
-  return tf.transpose(out, [1, 0, 2])
+  """Affine with matrix (1, 0, 0, d, e, f): every output pixel samples its own column."""
+  flat, height, width, _, src_y, inside = _source_points(image, (1.0, 0.0, 0.0, d, e, f))
+  rows, frac = _taps(src_y, height)
+  col = tf.range(width)[None, :]
+  v = [tf.gather(flat, row * width + col) for row in rows]
+  return _fill_outside(_to_uint8(_cubic_of_taps(*v, frac)), inside, fill)
 
 
 def affine_transform(image: tf.Tensor, matrix: Sequence, fill=IMAGENET_MEAN_UINT8) -> tf.Tensor:
@@ -227,29 +249,18 @@ def affine_transform(image: tf.Tensor, matrix: Sequence, fill=IMAGENET_MEAN_UINT
 
   Args:
     image: uint8 [H, W, 3].
-    matrix: six float64 scalars (a, b, c, d, e, f), output -> input, PIL's convention.
+    matrix: six scalars (a, b, c, d, e, f), output -> input, PIL's convention.
     fill: RGB colour of pixels whose source point lies outside the image.
   Returns:
     uint8 [H, W, 3].
   """
-  a, b, c, d, e, f = [_f64(m) for m in matrix]
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  xs, ys = _pixel_centres(height, width)
-  src_x = a * xs + b * ys + c
-  src_y = d * xs + e * ys + f
+  flat, height, width, src_x, src_y, inside = _source_points(image, matrix)
   cols, fx = _taps(src_x, width)
   rows, fy = _taps(src_y, height)
-  flat = tf.reshape(image, [-1, 3])
-  index = rows[..., :, None] * width + cols[..., None, :]  # (H, W, 4 rows, 4 cols)
-  v = tf.cast(tf.gather(flat, index), tf.float64)  # (H, W, 4, 4, 3)
-  fx = fx[..., None, None]
-  per_row = _cubic(v[..., 0, :], v[..., 1, :], v[..., 2, :], v[..., 3, :], fx)  # (H, W, 4, 3)
-  out = _cubic(per_row[..., 0, :], per_row[..., 1, :], per_row[..., 2, :], per_row[..., 3, :],
-               fy[..., None])
-  inside = ((src_x >= 0.0) & (src_x < tf.cast(width, tf.float64)) &
-            (src_y >= 0.0) & (src_y < tf.cast(height, tf.float64)))
-  return _fill_outside(_to_uint8(out), inside, fill)
+  # PIL: a horizontal cubic on each of the 4 source rows, then a vertical one.
+  per_row = [_cubic_of_taps(*[tf.gather(flat, row * width + col) for col in cols], fx)
+             for row in rows]
+  return _fill_outside(_to_uint8(_cubic(*per_row, fy)), inside, fill)
 
 
 def rotate(image: tf.Tensor, degrees, fill=IMAGENET_MEAN_UINT8) -> tf.Tensor:
