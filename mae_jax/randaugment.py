@@ -480,8 +480,9 @@ def random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float = 0.25,
     cols = tf.range(width)
     inside = (((rows >= top) & (rows < top + h))[:, None] &
               ((cols >= left) & (cols < left + w))[None, :])
-    if mode == 'pixel':
-      noise = tf.random.stateless_normal(shape, seeds[5], dtype=image.dtype)
+    if mode == 'pixel':  # noise for the box only, placed by padding (timm draws (C, h, w))
+      noise = tf.pad(tf.random.stateless_normal([h, w, shape[2]], seeds[5], dtype=image.dtype),
+                     [[top, height - top - h], [left, width - left - w], [0, 0]])
     elif mode == 'rand':
       noise = tf.random.stateless_normal([1, 1, shape[2]], seeds[5], dtype=image.dtype)
     else:
