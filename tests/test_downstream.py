@@ -82,7 +82,7 @@ def _jit_init(model, size=32):
 def test_classifier_takes_pretrained_encoder_and_interpolates(tiny_mae_params):
   cfg = tiny_model_cfg(img_size=48)
   model = classifier_lib.classifier_from_config(cfg, NUM_CLASSES, global_pool=True)
-  params = _jit_init(model, 48)['params']
+  params = jax.eval_shape(lambda: _jit_init(model, 48))['params']
   assert 'norm' not in params['encoder']  # global pool: the encoder's final norm is unused
   loaded = classifier_lib.load_pretrained_encoder(
       params, tiny_mae_params, dict(tiny_model_cfg()), model.grid, model.patch_size)
@@ -93,8 +93,20 @@ def test_classifier_takes_pretrained_encoder_and_interpolates(tiny_mae_params):
   expected_pos = classifier_lib.interpolate_pos_embed(sincos_2d(64, 8, cls_token=True)[None],
                                                       (12, 12))
   np.testing.assert_allclose(got['pos_embed'], expected_pos, atol=1e-6)
-  logits = jax.jit(model.apply)({'params': loaded}, jnp.ones((2, 48, 48, 3)))
-  assert logits.shape == (2, NUM_CLASSES) and np.all(np.isfinite(logits))
+
+
+def test_stored_pos_table_is_used_and_interpolated(tiny_mae_params):
+  """A converted PyTorch release stores its (learned or fixed) table: that table is used."""
+  stored = np.random.RandomState(2).randn(1, 1 + 8 * 8, 64).astype(np.float32)
+  ckpt = {'encoder': dict(tiny_mae_params['encoder'], pos_embed=stored)}
+  model = classifier_lib.classifier_from_config(tiny_model_cfg(img_size=40), NUM_CLASSES,
+                                                global_pool=True)
+  params = jax.eval_shape(lambda: _jit_init(model, 40))['params']
+  loaded = classifier_lib.load_pretrained_encoder(params, ckpt, None, model.grid,
+                                                  model.patch_size)
+  np.testing.assert_allclose(loaded['encoder']['pos_embed'],
+                             classifier_lib.interpolate_pos_embed(stored, (10, 10)), atol=1e-6)
+  np.testing.assert_array_equal(loaded['encoder']['pos_embed'][:, 0], stored[:, 0])
 
 
 def test_classifier_matches_mae_encoder_features(tiny_mae_params):
@@ -168,11 +180,9 @@ def test_layer_decay_scales_vit_b():
   assert scales['head/kernel'] == scales['fc_norm/scale'] == 1.0
 
 
-def test_finetune_optimizer_applies_layer_scale_and_decay_mask():
-  config = ml_collections.ConfigDict(dict(model=dict(depth=2), layer_decay=0.5,
-                                          weight_decay=0.05, b1=0.9, b2=0.999))
-  model = classifier_lib.classifier_from_config(tiny_model_cfg(), NUM_CLASSES, global_pool=True)
-  params = _jit_init(model)['params']
+def test_finetune_optimizer_applies_layer_scale_and_decay_mask(finetune_setup):
+  _, params, config, _ = finetune_setup
+  config = ml_collections.ConfigDict(dict(config.to_dict(), layer_decay=0.5))
   grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 1e-3, params)
   lr = 0.1
   tx = finetune.make_optimizer(config, lambda _: lr, params)
@@ -180,7 +190,7 @@ def test_finetune_optimizer_applies_layer_scale_and_decay_mask():
   # Plain torch-style AdamW first step: -lr * (sign(g) + wd * p) where decayed.
   up = flat(updates)
   for path, p in flat(params).items():
-    scale = 0.5 ** (3 - _reference_layer_id(_torch_name(path), 3))
+    scale = 0.5 ** (5 - _reference_layer_id(_torch_name(path), 5))
     name = path.split('/')[-1]
     decayed = p.ndim > 1 and name not in ('pos_embed', 'cls_token')
     adam = 1e-3 / (1e-3 + 1e-8)
@@ -373,12 +383,16 @@ def test_partial_finetune_trains_exactly_last_blocks(finetune_setup, k, changed)
       np.testing.assert_array_equal(merged[key], value, err_msg=key)
 
 
-def test_full_finetune_lowers_loss(finetune_setup):
+def test_finetune_step_lowers_loss(finetune_setup):
+  """Learning, not just motion: repeated steps on one batch lower its loss (k=2, compiled
+  above); full fine-tuning trains every param and freezes none."""
   model, params, config, step = finetune_setup
   tx_factory = lambda trained: finetune.make_optimizer(config, lambda _: 3e-3, trained)
-  state = finetune.create_train_state(model, params, downstream.last_blocks_trained(4, None),
+  full = finetune.create_train_state(model, params, downstream.last_blocks_trained(4, None),
+                                     tx_factory)
+  assert not full.frozen and set(flat(full.params)) == set(flat(params))
+  state = finetune.create_train_state(model, params, downstream.last_blocks_trained(4, 2),
                                       tx_factory)
-  assert not state.frozen
   rstate = downstream.replicate(state)
   batch = shard(synthetic_batch(16, 2))
   losses = []
@@ -496,6 +510,13 @@ def test_partial_finetune_run_keeps_frozen_blocks(pretrained_dir, tiny_mae_param
       continue
     np.testing.assert_array_equal(got[key], value, err_msg=key)
   assert not np.array_equal(got['blocks_1/mlp/fc1/kernel'], src['blocks_1/mlp/fc1/kernel'])
+
+  # Eval-only from a params-only copy (the format of a converted fine-tuned release).
+  exported = str(tmp_path / 'exported')
+  checkpoint.save_params(exported, params, None)
+  config.eval_only, config.eval_from = True, exported
+  again = finetune.train_and_evaluate(config, str(tmp_path / 'eval'))
+  assert again['top1'] == result['top1'] and again['loss'] == pytest.approx(result['loss'])
 
 
 def test_bad_inputs_fail_before_training(pretrained_dir, tmp_path):
