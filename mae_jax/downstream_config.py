@@ -22,8 +22,11 @@ FINETUNE_RECIPES = {
 LINEAR_PROBE_EPOCHS = {'vit_b': 90, 'vit_l': 50, 'vit_h': 50}
 PAPER_SIZES = tuple(FINETUNE_RECIPES)
 SMALL_SIZES = ('demo', 'cifar10')
-# The encoder of configs/demo.py (the pretraining CPU demo), which the small configs load.
-DEMO_MODEL = 'small_cpu'
+# The encoder of configs/demo.py (the pretraining CPU demo: 64 px, 8 px patches); CIFAR-10
+# keeps its 32 px with 4 px patches (the same 64 tokens, so the same encoder but the patch
+# embedding): pretrain it with configs/demo.py and --config.model.img_size=32
+# --config.model.patch_size=4.
+SMALL_MODELS = {'demo': dict(img_size=64, patch_size=8), 'cifar10': dict(img_size=32, patch_size=4)}
 
 
 def _dataset(size: str) -> ml_collections.ConfigDict:
@@ -33,9 +36,9 @@ def _dataset(size: str) -> ml_collections.ConfigDict:
                                           eval_split='test')
   if size == 'cifar10':
     # ImageFolder root holding train/ and test/ (the unpacked cifar10-jpeg.tar.gz).
-    return pretrain_config.dataset_config(
-        source='imagefolder', train_split='train', eval_split='test',
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    # ImageNet mean/std as in pretraining, so the encoder sees the inputs it learned on.
+    return pretrain_config.dataset_config(source='imagefolder', train_split='train',
+                                          eval_split='test')
   return pretrain_config.dataset_config(source='tfds', name='imagenet2012',
                                         train_split='train', eval_split='validation')
 
@@ -50,7 +53,8 @@ def _parse_size(size: str) -> str:
 def _common(size: str, job: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = job
-  config.model = presets.model_config(DEMO_MODEL if size in SMALL_SIZES else size)
+  config.model = (presets.model_config('small_cpu', **SMALL_MODELS[size]) if size in SMALL_SIZES
+                  else presets.model_config(size))
   config.dataset = _dataset(size)
   config.num_classes = config_dict.placeholder(int)  # None: from the dataset
   # A pretraining workdir, one of its checkpoints/<step> dirs, or a save_params dir
@@ -115,14 +119,17 @@ def finetune_config(size: str, trainable_blocks: Optional[int] = None
   config.mixup_group_size = 0
   config.label_smoothing = 0.1
   if size in SMALL_SIZES:
-    # Two CPU cores: a few minutes. Layer decay as ViT-B; 4 blocks instead of 12.
+    # Two CPU cores, minutes: 4 blocks, so a milder layer decay than ViT-B's 12; the
+    # short schedules want a larger lr (1e-3 absolute, as the pretraining demo).
     config.layer_decay = 0.75
     config.drop_path_rate = 0.1
     if size == 'demo':
-      _small_schedule(config, size, batch=32, steps=300, log_every=50)
+      _small_schedule(config, size, batch=64, steps=300, log_every=50)
+      config.base_lr = 4e-3
     else:
       _small_schedule(config, size, batch=256, log_every=50, epochs=2)
       config.warmup_epochs = 0.2
+      config.base_lr = 1e-3
   return config
 
 
@@ -151,11 +158,16 @@ def linear_probe_config(size: str) -> ml_collections.ConfigDict:
   config.trust_coefficient = 0.001
   config.num_epochs = LINEAR_PROBE_EPOCHS.get(size, 90)
   config.warmup_epochs = 10.0
-  if size == 'demo':
-    _small_schedule(config, size, batch=32, steps=300, log_every=50)
-  elif size == 'cifar10':
-    _small_schedule(config, size, batch=256, log_every=50, epochs=2)
-    config.warmup_epochs = 0.2
+  if size in SMALL_SIZES:
+    # LARS scales each kernel step by trust * |w| / |g|: the step is relative to the
+    # weights whatever the batch, so small batches keep the paper's absolute lr
+    # (0.1 * 16384 / 256 = 6.4) instead of shrinking it by the linear scaling rule.
+    if size == 'demo':
+      _small_schedule(config, size, batch=64, steps=300, log_every=50)
+    else:
+      _small_schedule(config, size, batch=256, log_every=50, epochs=2)
+      config.warmup_epochs = 0.2
+    config.base_lr = 6.4 * 256 / config.batch_size
   return config
 
 
