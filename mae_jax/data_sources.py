@@ -43,10 +43,12 @@ def _class_dirs(split_dir: str):
 def _image_folder_split(root: str, split: str, train_split: str):
   """(class names, sorted paths, labels) of one split; labels follow the train split's classes."""
   if not root:
-    raise ValueError(f'config.dataset.data_dir is empty: point it at the ImageFolder root ({_LAYOUT}).')
+    raise ValueError('config.dataset.data_dir is empty: point it at the ImageFolder root '
+                     f'({_LAYOUT}).')
+  root = os.path.expanduser(root)
   if not os.path.isdir(root):
-    raise FileNotFoundError(f'ImageFolder root {root!r} does not exist: set config.dataset.data_dir '
-                            f'to an existing directory ({_LAYOUT}).')
+    raise FileNotFoundError(f'ImageFolder root {root!r} does not exist: set '
+                            f'config.dataset.data_dir to an existing directory ({_LAYOUT}).')
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     found = _class_dirs(root)

@@ -109,7 +109,8 @@ def _example_id(position: tf.Tensor, n: int, seed: int) -> tf.Tensor:
   if n == 1:
     return tf.zeros_like(position)
   epoch_seed = tf.stack([tf.constant(seed, tf.int64), position // n])
-  return tf.random.experimental.index_shuffle(position % n, epoch_seed, tf.constant(n - 1, tf.int64))
+  return tf.random.experimental.index_shuffle(position % n, epoch_seed,
+                                              tf.constant(n - 1, tf.int64))
 
 
 def _host_positions(step: int, global_batch: int, host_batch: int, process_index: int):
@@ -174,8 +175,8 @@ def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int
   return tf.autograph.experimental.do_not_convert(element)
 
 
-def _sequential_records(source: data_sources.Source, *, train: bool, seed: int, shuffle_buffer: int,
-                        start: int, padded_total: int) -> tf.data.Dataset:
+def _sequential_records(source: data_sources.Source, *, train: bool, seed: int,
+                        shuffle_buffer: int, start: int, padded_total: int) -> tf.data.Dataset:
   """(position, raw, label) from `start` on, for sources without random access."""
   n = source.num_examples
   records = source.records()
@@ -223,7 +224,8 @@ def _op_error_text(error: Exception) -> str:
   return re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$', '', text).strip()
 
 
-def _diagnose_fn(source: data_sources.Source, positions: Callable[[int], range], train: bool, seed: int):
+def _diagnose_fn(source: data_sources.Source, positions: Callable[[int], range], train: bool,
+                 seed: int):
   """Finds the unreadable example of a failed step by decoding its examples one by one."""
   def diagnose(step: int, error: Exception) -> Exception:
     if source.load is not None:
@@ -242,7 +244,8 @@ def _diagnose_fn(source: data_sources.Source, positions: Callable[[int], range],
           return ValueError(
               f'Cannot read {source.example_name(idx)} of {source.describe}: {reason}.\n'
               'Fix: replace or delete it (images must be valid JPEG or PNG files).')
-    return RuntimeError(f'Reading {source.describe} failed at step {step}: {_op_error_text(error)}\n'
+    return RuntimeError(f'Reading {source.describe} failed at step {step}: '
+                        f'{_op_error_text(error)}\n'
                         'Fix: check that the dataset files are complete and readable '
                         '(re-prepare a TFDS dataset with `tfds build`).')
 

@@ -146,7 +146,7 @@ def flip_left_right(image: tf.Tensor, seed: tf.Tensor, probability: float = 0.5)
 
 
 def resize_and_centre_crop(raw: tf.Tensor, size: int, crop_fraction: float = 0.875) -> tf.Tensor:
-  """torchvision `Resize(int(size / crop_fraction))` (shorter side, bicubic) + `CenterCrop(size)`."""
+  """torchvision `Resize(int(size / crop_fraction))` (shorter side, bicubic), `CenterCrop(size)`."""
   resize_to = int(size / crop_fraction)
   image = decode_rgb(raw) if raw.dtype == tf.string else raw
   shape = tf.shape(image, out_type=tf.int32)
@@ -154,8 +154,8 @@ def resize_and_centre_crop(raw: tf.Tensor, size: int, crop_fraction: float = 0.8
   short = tf.minimum(height, width)
   long = tf.maximum(height, width)
   # torchvision: new_long = int(new_short * long / short), truncated.
-  new_long = tf.cast(tf.math.floor(resize_to * tf.cast(long, tf.float64) / tf.cast(short, tf.float64)),
-                     tf.int32)
+  new_long = tf.cast(
+      tf.math.floor(resize_to * tf.cast(long, tf.float64) / tf.cast(short, tf.float64)), tf.int32)
   new_h = tf.where(height <= width, resize_to, new_long)
   new_w = tf.where(height <= width, new_long, resize_to)
   image = resize_bicubic(image, new_h, new_w, exact=True)

@@ -330,7 +330,8 @@ def test_tfds_errors(tmp_path):
   pytest.importorskip('tensorflow_datasets')
   with pytest.raises(ValueError, match="Unknown TFDS dataset 'no_such_dataset'"):
     ip.num_classes(ml_cfg(source='tfds', name='no_such_dataset'))
-  with pytest.raises(FileNotFoundError, match=f"(?s)not prepared in data_dir '{tmp_path}'.*tfds build"):
+  with pytest.raises(FileNotFoundError,
+                     match=f"(?s)not prepared in data_dir '{tmp_path}'.*tfds build"):
     ip.create_dataset(ml_cfg(source='tfds', name='cifar10', data_dir=str(tmp_path)),
                       split='train', mode='pretrain', global_batch_size=8, image_size=16, seed=0,
                       process_index=0, process_count=1)
