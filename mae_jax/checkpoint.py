@@ -113,18 +113,23 @@ def resolve_checkpoint(path: str) -> epath.Path:
                         f'checkpoints/<step> folders, or a directory written by save_params.')
 
 
+def _restore_item(checkpoint_dir: epath.Path, item: str, args: ocp.args.CheckpointArgs) -> Any:
+  """One item of a checkpoint directory; damaged files become a CheckpointError with the fix."""
+  try:
+    restored = _composite_checkpointer().restore(
+        checkpoint_dir, args=ocp.args.Composite(**{item: args}))
+  except Exception as e:  # orbax raises many types for damaged files
+    raise CheckpointError(f'The {item} of the checkpoint at {checkpoint_dir} cannot be read '
+                          f'({type(e).__name__}: {e}); the checkpoint is corrupt or incomplete. '
+                          f'Use another step or re-create it.') from e
+  return restored[item]
+
+
 def read_meta(checkpoint_dir: epath.Path) -> Optional[Dict[str, Any]]:
   """The JSON `meta` item of a checkpoint directory, or None if it has none."""
   if not (checkpoint_dir / META_ITEM).exists():
     return None
-  try:
-    restored = _composite_checkpointer().restore(
-        checkpoint_dir, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
-  except Exception as e:  # orbax raises many types for damaged files
-    raise CheckpointError(f'The metadata of the checkpoint at {checkpoint_dir} cannot be read '
-                          f'({type(e).__name__}: {e}); the checkpoint is corrupt or incomplete. '
-                          f'Use another step or re-create it.') from e
-  return restored[META_ITEM]
+  return _restore_item(checkpoint_dir, META_ITEM, ocp.args.JsonRestore())
 
 
 def load_params(path: str) -> Tuple[PyTree, Optional[Dict[str, Any]]]:
@@ -136,15 +141,9 @@ def load_params(path: str) -> Tuple[PyTree, Optional[Dict[str, Any]]]:
   """
   checkpoint_dir = resolve_checkpoint(path)
   meta = read_meta(checkpoint_dir)
-  try:
-    restored = _composite_checkpointer().restore(
-        checkpoint_dir, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore()}))
-  except Exception as e:  # orbax raises many types for damaged files
-    raise CheckpointError(f'The params of the checkpoint at {checkpoint_dir} cannot be read '
-                          f'({type(e).__name__}: {e}); the checkpoint is corrupt or incomplete. '
-                          f'Use another step or re-create it.') from e
+  params = _restore_item(checkpoint_dir, PARAMS_ITEM, ocp.args.StandardRestore())
   model_config = None if meta is None else meta.get('model_config')
-  return _to_numpy(restored[PARAMS_ITEM]), model_config
+  return _to_numpy(params), model_config
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ coordinator is found automatically; elsewhere give `--coordinator_address`,
 `--num_processes` and `--process_id` (see launch/).
 """
 import importlib
+import sys
 
 from absl import app
 from absl import flags
@@ -45,6 +46,17 @@ def initialize_distributed() -> None:
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with config_flags' error for an unknown `--config.x` turned into a usage error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = str(e.args[0] if e.args else e).strip('\'"').replace("\\'", "'").replace('\\n', ' ')
+    sys.stderr.write(f'FATAL Flags parsing error: a --config.* override names a field the config '
+                     f'does not have: {message}\nPass --helpfull to see every config field.\n')
+    sys.exit(1)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}: every option is a --flag.')
@@ -67,4 +79,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -59,9 +59,9 @@ class TrainLogger:
     self.total_steps = total_steps
     self.images_per_step = images_per_step
     self.is_main = is_main
-    self._last_time = time.time()
+    self._last_time: Optional[float] = None  # the clock starts after the first (compiling) step
     self._last_step = start_step
-    self._start_time = self._last_time
+    self._start_time = time.time()
     self._writer: Optional[metric_writers.MetricWriter] = None
     self._jsonl = None
     if is_main:
@@ -79,18 +79,23 @@ class TrainLogger:
   def log_train(self, step: int, scalars: Mapping[str, float]) -> Dict[str, float]:
     """Logs training `scalars` at `step` (steps completed) with images/s and ETA.
 
-    Returns the record written (the scalars plus images_per_sec and steps_per_sec).
+    Returns the record written: the scalars plus images_per_sec and steps_per_sec once
+    the clock runs (`restart_clock`).
     """
+    record = {k: float(v) for k, v in scalars.items()}
+    values = ' | '.join(f'{k} {v:.4g}' for k, v in scalars.items())
     now = time.time()
+    if self._last_time is None:
+      logging.info('step %d/%d | %s', step, self.total_steps, values)
+      self.log_scalars(step, record)
+      return record
     steps = max(step - self._last_step, 1)
     seconds = max(now - self._last_time, 1e-9)
-    record = {k: float(v) for k, v in scalars.items()}
     record['images_per_sec'] = steps * self.images_per_step / seconds
     record['steps_per_sec'] = steps / seconds
     eta = (self.total_steps - step) * seconds / steps
     self._last_time, self._last_step = now, step
-    logging.info('step %d/%d | %s | %.1f img/s | ETA %s', step, self.total_steps,
-                 ' | '.join(f'{k} {v:.4g}' for k, v in scalars.items()),
+    logging.info('step %d/%d | %s | %.1f img/s | ETA %s', step, self.total_steps, values,
                  record['images_per_sec'], _format_duration(eta))
     self.log_scalars(step, record)
     return record

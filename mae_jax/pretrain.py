@@ -34,8 +34,8 @@ AXIS_NAME = 'batch'
 Batch = Dict[str, np.ndarray]
 
 
-class TrainState(train_state.TrainState):
-  """Step, params, optimiser state (flax's TrainState; `apply_fn`/`tx` are static)."""
+# step, params, opt_state; `apply_fn` and `tx` are static fields (not traced, not donated).
+TrainState = train_state.TrainState
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,17 +244,21 @@ class Visualizer:
 
 
 def heldout_images(config: ml_collections.ConfigDict) -> np.ndarray:
-  """The first `num_visualize` images of the eval split (centre crops, no augmentation)."""
-  ds = config.dataset
-  it = input_pipeline.create_dataset(
+  """`num_visualize` fixed eval-split images (centre crops), spread over its first few hundred.
+
+  Taking every k-th image rather than the first few gives pictures of different scenes
+  when the split is ordered (the embedded set's tiles come photo by photo).
+  """
+  ds, count = config.dataset, config.num_visualize
+  stride = max(1, min(input_pipeline.num_examples(ds, ds.eval_split) // count, 16))
+  batch = next(iter(input_pipeline.create_dataset(
       ds, split=ds.eval_split, mode='eval',
-      global_batch_size=config.num_visualize * jax.process_count(),
-      image_size=_image_size(config), seed=config.seed)
-  batch = next(iter(it))
+      global_batch_size=count * stride * jax.process_count(), image_size=_image_size(config),
+      seed=config.seed)))
   images = batch['image']
-  if 'valid' in batch:
+  if 'valid' in batch:  # the last eval batch is padded
     images = images[np.asarray(batch['valid'], bool)]
-  return images
+  return images[stride // 2::stride][:count]
 
 
 def _image_size(config: ml_collections.ConfigDict) -> int:
@@ -344,12 +348,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     for step in range(start_step + 1, total_steps + 1):
       state, metrics = p_train_step(state, next(batches), train_rng)
       pending.append(metrics)
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)  # compiled and run once: speed is measured from here
-        logger.restart_clock(step)
+      first = step == start_step + 1
       preempted = manager.reached_preemption(step)
       save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-      if step % config.log_every_steps == 0 or save_now:  # never save a diverged state
+      if first or step % config.log_every_steps == 0 or save_now:  # never save a diverged state
         summary = summarize(jax.device_get(pending))
         pending = []
         if not np.isfinite(summary['loss']):
@@ -357,6 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
               f'Loss is {summary["loss"]} at step {step}; the last checkpoint is step '
               f'{manager.latest_step()}. Lower config.base_lr or train in float32.')
         logger.log_train(step, summary)
+      if first:
+        logger.restart_clock(step)  # compiled and run once: speed is measured from here
       if step % config.visualize_every_steps == 0 or step == total_steps:
         picture(step)
       if save_now:
