@@ -1,4 +1,4 @@
-"""CPU demo: MAE pretraining on the photos shipped with scikit-image, no download, minutes on a laptop.
+"""CPU demo: MAE pretraining on the photos shipped with scikit-image; no download, minutes on a CPU.
 
 python -m mae_jax.main --config=configs/demo.py --workdir=/tmp/mae_demo
 

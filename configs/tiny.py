@@ -1,4 +1,4 @@
-"""Tiny pretraining config for tests: 32x32 crops of the embedded photos, a 2-block ViT, a few steps.
+"""Tiny pretraining config for tests: 32x32 crops of the embedded photos, a 2-block ViT, 6 steps.
 
 python -m mae_jax.main --config=configs/tiny.py --workdir=/tmp/mae_tiny
 """

@@ -1,4 +1,6 @@
-r"""Entry point of every job: `python -m mae_jax.main --config=configs/demo.py --workdir=/tmp/mae_demo`.
+r"""Entry point of every job: `python -m mae_jax.main --config=CONFIG --workdir=DIR`.
+
+Example: `python -m mae_jax.main --config=configs/demo.py --workdir=/tmp/mae_demo`.
 
 `--config` is an ml_collections config file (with an optional `:arg` for configs that
 take one, e.g. `configs/finetune.py:vit_b`); any field can be overridden on the command
@@ -47,7 +49,7 @@ def initialize_distributed() -> None:
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with config_flags' error for an unknown `--config.x` turned into a usage error."""
+  """absl's flag parsing; config_flags' error for an unknown `--config.x` becomes a usage error."""
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:

@@ -1,4 +1,4 @@
-"""Optimiser pieces of the MAE recipes: lr scaling, warmup + half-cycle cosine, weight-decay mask, AdamW.
+"""Optimiser pieces of the MAE recipes: lr scaling, warmup + cosine, weight-decay mask, AdamW.
 
 The reference sets the learning rate per iteration (`util/lr_sched.adjust_learning_rate`
 called with the fractional epoch), so in steps: linear warmup from 0 over

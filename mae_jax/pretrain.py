@@ -62,12 +62,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def local_batch_size(global_batch_size: int) -> int:
   """The per-process batch; raises unless it splits evenly over processes and local devices."""
   processes, devices = jax.process_count(), jax.local_device_count()
-  if global_batch_size % (processes * devices):
+  n = processes * devices
+  if global_batch_size % n:
     raise ValueError(
         f'config.batch_size={global_batch_size} is not divisible by the number of devices '
-        f'({processes} process(es) x {devices} local device(s) = {processes * devices}). '
-        f'Use a multiple of {processes * devices}, e.g. '
-        f'--config.batch_size={max(1, global_batch_size // (processes * devices)) * processes * devices}.')
+        f'({processes} process(es) x {devices} local device(s) = {n}). Use a multiple of '
+        f'{n}, e.g. --config.batch_size={max(1, global_batch_size // n) * n}.')
   return global_batch_size // processes
 
 

@@ -1,4 +1,4 @@
-"""The paper's pretraining recipe as a config, shared by configs/vit_{b,l,h}.py, tiny.py and demo.py.
+"""The paper's pretraining recipe as a config, shared by configs/vit_{b,l,h}.py, tiny.py, demo.py.
 
 MAE.md section 4, the same for ViT-B/L/H: AdamW betas (0.9, 0.95), weight decay 0.05
 (1-D parameters and biases excluded), base lr 1.5e-4 scaled by global batch / 256, batch

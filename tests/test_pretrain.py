@@ -42,7 +42,7 @@ def tree_allclose(a, b, **kw):
 
 
 def reference_lr(epoch, lr, min_lr, warmup_epochs, epochs):
-  """The reference's util/lr_sched.adjust_learning_rate, called per iteration with a fractional epoch."""
+  """The reference's util/lr_sched.adjust_learning_rate (called per iteration, fractional epoch)."""
   if epoch < warmup_epochs:
     return lr * epoch / warmup_epochs
   return min_lr + (lr - min_lr) * 0.5 * (
@@ -51,7 +51,8 @@ def reference_lr(epoch, lr, min_lr, warmup_epochs, epochs):
 
 def test_paper_recipe():
   config = pretrain_config('vit_b')
-  assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.weight_decay) == (0.9, 0.95, 0.05)
+  opt = config.optimizer
+  assert (opt.b1, opt.b2, opt.weight_decay, tuple(opt.no_decay_names)) == (0.9, 0.95, 0.05, ())
   assert (config.base_lr, config.batch_size, config.min_lr) == (1.5e-4, 4096, 0.0)
   assert (config.num_epochs, config.warmup_epochs) == (1600, 40)
   assert config.model.mask_ratio == 0.75 and config.model.norm_pix_loss
