@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
 from absl import logging
 from flax import jax_utils
+from flax import traverse_util
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,41 @@ def create_train_state(config: ml_collections.ConfigDict, model: MaskedAutoencod
   return TrainState.create(apply_fn=fns.model.apply, params=params, tx=fns.tx)
 
 
+def load_init_params(path: str, abstract_params: Any) -> Dict[str, np.ndarray]:
+  """The tensors of the checkpoint at `path` that this model has, checked against its shapes.
+
+  The encoder must be there in full with matching shapes; a missing decoder (an
+  encoder-only release) keeps its fresh init. Stored position tables of converted
+  releases are not params here (the converter checked them against the fixed tables).
+  Returns a flat {'encoder/...': array} dict for `with_init_params`.
+  """
+  ckpt, _ = checkpoint.load_params(path)
+  ckpt = traverse_util.flatten_dict(dict(ckpt), sep='/')
+  model = traverse_util.flatten_dict(dict(abstract_params), sep='/')
+  for key, value in model.items():
+    if key in ckpt and tuple(np.shape(ckpt[key])) != tuple(value.shape):
+      raise checkpoint.CheckpointError(
+          f'config.init_from={path}: {key} has shape {tuple(np.shape(ckpt[key]))} in the '
+          f'checkpoint but {tuple(value.shape)} in config.model. Make config.model match the '
+          f'checkpoint (size, patch size, img_size).')
+  missing = sorted(k for k in model if k not in ckpt)
+  if any(k.startswith('encoder/') for k in missing):
+    raise checkpoint.CheckpointError(
+        f'config.init_from={path} lacks encoder parameter(s) {missing[:3]}: it is not a '
+        f'checkpoint of this model. Point it at a pretraining workdir or a converted release.')
+  if missing:
+    logging.info('config.init_from has no %s: those start from a fresh init.',
+                 sorted({k.split('/')[0] for k in missing}))
+  return {k: np.asarray(ckpt[k], model[k].dtype) for k in model if k in ckpt}
+
+
+def with_init_params(params: Any, loaded: Dict[str, np.ndarray]) -> Any:
+  """`params` with the tensors of `load_init_params` put in."""
+  flat = traverse_util.flatten_dict(dict(params), sep='/')
+  flat.update({k: jnp.asarray(v) for k, v in loaded.items()})
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array,
                schedule: optax.Schedule) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One AdamW step on this device's shard; gradients and metrics averaged over all devices.
@@ -288,6 +324,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   model = create_model(config)
   latest = checkpoint.check_workdir_compatible(workdir, config.model.to_dict(), config.to_dict())
   start_step = latest or 0
+  init_params = None
+  if latest is None and config.init_from:
+    abstract = jax.eval_shape(model.init, {'params': jax.random.PRNGKey(0),
+                                           'mask': jax.random.PRNGKey(0)}, _dummy_images(model))
+    init_params = load_init_params(config.init_from, abstract['params'])
   ds = config.dataset
   steps_per_epoch = input_pipeline.num_examples(ds, ds.train_split) // config.batch_size
   if steps_per_epoch == 0 and config.total_steps <= 0:
@@ -318,6 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         manager, latest, state.params, state.opt_state)
     state = state.replace(step=latest, params=params, opt_state=opt_state)
     logging.info('Resumed from %s at step %d.', manager.directory, latest)
+  elif init_params is not None:
+    # AdamW's moments start at zero whatever the params, so only the params change.
+    state = state.replace(params=with_init_params(state.params, init_params))
+    logging.info('Initialised from %s.', config.init_from)
   # Replicated and batch arrays carry the pmap axis name in their sharding, like the step's
   # outputs, so the step compiles once (a different mesh axis name would recompile it).
   state = jax_utils.replicate(state, axis_name=AXIS_NAME)

@@ -16,7 +16,7 @@ CONFIG_FIELDS = (
     'job', 'model', 'dataset', 'seed', 'batch_size', 'base_lr', 'min_lr', 'optimizer',
     'num_epochs', 'warmup_epochs', 'total_steps', 'warmup_steps', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
-    'visualize_every_steps', 'num_visualize', 'prefetch_batches')
+    'visualize_every_steps', 'num_visualize', 'prefetch_batches', 'init_from')
 
 
 def dataset_config(**overrides) -> ml_collections.ConfigDict:
@@ -66,4 +66,7 @@ def pretrain_config(model_name: str, num_epochs: int = 1600, norm_pix_loss: bool
   config.visualize_every_steps = 10000
   config.num_visualize = 8
   config.prefetch_batches = 2
+  # A params checkpoint to start from instead of a random init (e.g. a converted
+  # `mae_visualize_vit_*.pth`, or an encoder-only release with a fresh decoder).
+  config.init_from = None
   return config

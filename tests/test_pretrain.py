@@ -290,3 +290,31 @@ def test_pmap_over_8_devices_equals_one_device(tiny_run):
   assert tree_allclose(p8, p1, rtol=1e-5, atol=1e-6)
   # The step moved the parameters, so the comparison above is not vacuous.
   assert not tree_allclose(pretrain.unreplicate(one.params), state.params, atol=1e-6)
+
+
+def test_pretraining_starts_from_a_converted_encoder_only_release(tiny_run, tmp_path):
+  pytest.importorskip('torch', reason='writing a .pth release file needs torch (pip install .[test])')
+  from mae_jax import convert  # pylint: disable=g-import-not-at-top
+  config = load_config('tiny')
+  params, model_config = checkpoint.load_params(str(tiny_run['workdir']))
+  # A release whose encoder is far from anything this seed would draw.
+  release = {'encoder': jax.tree.map(lambda x: np.asarray(x) + 0.5, params['encoder'])}
+  pth = tmp_path / 'mae_pretrain_vit_tiny.pth'
+  convert.export_pytorch_checkpoint(str(pth), release, model_config)
+  converted = convert.load_pytorch_checkpoint(
+      str(pth), num_heads=config.model.num_heads, decoder_num_heads=config.model.decoder_num_heads)
+  checkpoint.save_params(str(tmp_path / 'release'), converted.params, converted.model_config)
+  assert 'decoder' not in converted.params
+
+  config.init_from = str(tmp_path / 'release')
+  state = pretrain.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  trained = pretrain.unreplicate(state.params)
+  # Six AdamW steps at lr <= 1e-3 move each weight by a few thousandths, not by 0.5.
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+                       trained['encoder'], release['encoder'])
+  assert max(jax.tree.leaves(moved)) < 0.02, moved
+  assert set(trained) == {'encoder', 'decoder'}  # the decoder started from a fresh init
+
+  config.init_from = str(tiny_run['workdir'] / 'nowhere')
+  with pytest.raises(checkpoint.CheckpointError, match='nowhere'):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'other'))
