@@ -11,6 +11,7 @@ Steady-state time only: the first `--warmup` steps (compilation) are not counted
 """
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -116,9 +117,18 @@ def main():
   parser.add_argument('--torch', action='store_true', help='also time the PyTorch yardstick')
   parser.add_argument('--no_jax', action='store_true')
   parser.add_argument('--repeats', type=int, default=1, help='alternate the frameworks this often')
+  parser.add_argument('--threads', type=int, default=0,
+                      help='CPU threads for both frameworks (0: their defaults). On a shared '
+                      'machine, 1 avoids torch\'s spinning OpenMP threads distorting the comparison.')
   args = parser.parse_args()
+  if args.threads:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
+                               f'{str(args.threads > 1).lower()} intra_op_parallelism_threads='
+                               f'{args.threads}')
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(args.threads)
   dims = model_dims(args.model)
-  common = dict(model=args.model, batch=args.batch, dtype=args.dtype,
+  common = dict(model=args.model, batch=args.batch, dtype=args.dtype, threads=args.threads or None,
                 mask_token_in_encoder=args.mask_token_in_encoder)
   for _ in range(args.repeats):
     runs = ([] if args.no_jax else [bench_jax]) + ([bench_torch] if args.torch else [])
