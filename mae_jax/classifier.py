@@ -15,7 +15,7 @@ With `probe_batch_norm` the features pass a BatchNorm without affine parameters 
 classifier params, checking every shape first, and interpolates the position table
 bicubically (PyTorch's kernel, a = -0.75) when the resolution changes.
 """
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -314,13 +314,3 @@ def _pretrained_pos_table(ckpt_enc: Mapping[str, Any],
     # pretraining grid, then resample like the reference resamples its stored table.
     table = sincos_2d(embed_dim, old_grid or new_grid, cls_token=True)[None]
   return interpolate_pos_embed(table, new_grid, old_grid)
-
-
-def count_params(tree: Any) -> int:
-  """Number of scalars in a pytree of arrays."""
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def describe_paths(tree: Any) -> Sequence[str]:
-  """'a/b/c' paths of the leaves of a nested dict (for messages and tests)."""
-  return sorted(traverse_util.flatten_dict(dict(tree), sep='/'))

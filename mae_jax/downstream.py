@@ -184,12 +184,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'The {what} has no pretrained encoder: set --config.init_from=<pretraining workdir or '
         f'checkpoint dir> (e.g. the workdir of `python -m mae_jax.main --config=configs/demo.py`'
         f'), or set --config.allow_random_init=True for a randomly initialised baseline.')
-  n = jax.device_count()
-  for field in ('batch_size', 'eval_batch_size'):
-    size = config.get(field)
-    if size is not None and size % n:
-      raise ValueError(f'config.{field}={size} is not divisible by the {n} devices: choose a '
-                       f'multiple of {n}.')
 
 
 def build_classifier(config: ml_collections.ConfigDict, num_classes: int,

@@ -8,7 +8,7 @@ gradient for it and the optimizer holds no state for it. LARS as MoCo v3 / MAE
 util/lars.py: momentum 0.9, trust coefficient 0.001, weight decay and trust ratio
 only for parameters with more than one dimension, base lr 0.1, wd 0, warmup then cosine.
 """
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -75,9 +75,9 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
   return state, jax.lax.pmean(metrics, AXIS)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, params: Any
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  del params
+  """LARS with the config's momentum, trust coefficient and weight decay."""
   return lars(schedule, weight_decay=config.weight_decay, momentum=config.momentum,
               trust_coefficient=config.trust_coefficient)
 
@@ -85,14 +85,10 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Runs (or resumes) a linear probe in `workdir`; returns the final eval metrics."""
   from mae_jax import downstream_train  # pylint: disable=g-import-not-at-top
-  return downstream_train.train_and_evaluate(
-      config, workdir, data_mode=DATA_MODE, create_train_state=_state_factory(config),
-      train_step=lambda num_classes: train_step)
 
-
-def _state_factory(config: ml_collections.ConfigDict) -> Callable[..., TrainState]:
   def factory(model, params, batch_stats, schedule):
-    trained, _ = downstream.split_params(params, downstream.head_only)
-    return create_train_state(model, params, batch_stats,
-                              make_optimizer(config, schedule, trained))
-  return factory
+    return create_train_state(model, params, batch_stats, make_optimizer(config, schedule))
+
+  return downstream_train.train_and_evaluate(
+      config, workdir, data_mode=DATA_MODE, create_train_state=factory,
+      train_step=lambda num_classes: train_step)
