@@ -102,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   num_classes = int(config.get('num_classes') or input_pipeline.num_classes(ds))
   model = downstream.build_classifier(config, num_classes)
   record = downstream.model_record(config, num_classes)
-  image_size = pretrain._image_size(config)  # pylint: disable=protected-access
+  image_size = pretrain.input_image_size(config)
   steps_per_epoch = input_pipeline.num_examples(ds, ds.train_split) // config.batch_size
   if steps_per_epoch == 0 and config.total_steps <= 0:
     raise ValueError(f'config.batch_size={config.batch_size} exceeds the training split; '
@@ -217,7 +217,7 @@ def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng
                        f'BatchNorm statistics: evaluate a linear-probe training workdir.')
     state = make_state(loaded, batch_stats).replace(step=0)
   metrics = evaluate(p_eval_step, downstream.replicate(state),
-                     _eval_batches(config, pretrain._image_size(config)))  # pylint: disable=protected-access
+                     _eval_batches(config, pretrain.input_image_size(config)))
   result = {'checkpoint': str(ckpt_dir), 'step': int(state.step),
             **{f'eval/{k}': v for k, v in metrics.items()}}
   logging.info('Eval-only %s: top-1 %.2f%%, top-5 %.2f%% on %d examples.', ckpt_dir,

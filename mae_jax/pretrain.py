@@ -289,7 +289,7 @@ def heldout_images(config: ml_collections.ConfigDict) -> np.ndarray:
   stride = max(1, min(input_pipeline.num_examples(ds, ds.eval_split) // count, 16))
   batch = next(iter(input_pipeline.create_dataset(
       ds, split=ds.eval_split, mode='eval',
-      global_batch_size=count * stride * jax.process_count(), image_size=_image_size(config),
+      global_batch_size=count * stride * jax.process_count(), image_size=input_image_size(config),
       seed=config.seed)))
   images = batch['image']
   if 'valid' in batch:  # the last eval batch is padded
@@ -297,7 +297,8 @@ def heldout_images(config: ml_collections.ConfigDict) -> np.ndarray:
   return images[stride // 2::stride][:count]
 
 
-def _image_size(config: ml_collections.ConfigDict) -> int:
+def input_image_size(config: ml_collections.ConfigDict) -> int:
+  """The square input size the data pipeline crops to, from `config.model.img_size`."""
   size = config.model.img_size
   if not isinstance(size, int):
     h, w = size
@@ -338,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   total_steps = schedule.total_steps
   train_iter = input_pipeline.create_dataset(
       ds, split=ds.train_split, mode='pretrain', global_batch_size=config.batch_size,
-      image_size=_image_size(config), seed=config.seed, start_step=start_step)
+      image_size=input_image_size(config), seed=config.seed, start_step=start_step)
   is_main = jax.process_index() == 0
   vis_images = heldout_images(config) if is_main and config.num_visualize > 0 else None
   logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
