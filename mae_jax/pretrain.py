@@ -29,7 +29,7 @@ from mae_jax import optim
 from mae_jax import visualize
 from mae_jax.mae import MaskedAutoencoder
 from mae_jax.patches import to_2tuple
-from mae_jax.pretrain_config import CONFIG_FIELDS, pretrain_config  # pylint: disable=unused-import
+from mae_jax.pretrain_config import CONFIG_FIELDS
 
 AXIS_NAME = 'batch'
 Batch = Dict[str, np.ndarray]

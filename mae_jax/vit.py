@@ -5,7 +5,7 @@ MLP ratio 4, xavier-uniform Linear weights (on the fused qkv the fan is (D, 3D),
 the reference), zero biases. Parameter names follow the official checkpoint layout
 (`blocks_{i}/attn/qkv`, `norm1`, `mlp/fc1`, ...) so converting weights is a transpose.
 """
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
