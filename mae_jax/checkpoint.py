@@ -190,8 +190,8 @@ def check_workdir_compatible(workdir: str, model_config: Mapping[str, Any],
     raise CheckpointError(
         f'The checkpoints in {workdir} (latest step {step}) were made with a different model '
         f'config:\n  ' + '\n  '.join(diffs) +
-        f'\nResuming would not fit their parameters, and a new run would overwrite them. Pass '
-        f'a new --workdir for this config, or restore the old values to resume.')
+        '\nResuming would not fit their parameters, and a new run would overwrite them. Pass '
+        'a new --workdir for this config, or restore the old values to resume.')
   if config is not None and meta.get('config') is not None:
     other = [d for d in config_differences(meta['config'], dict(config))
              if not d.startswith('model.')]

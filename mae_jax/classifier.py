@@ -100,10 +100,12 @@ class Classifier(nn.Module):
     return grid_size(self.img_size, self.patch_size)
 
   @nn.compact
-  def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def __call__(self, images: jnp.ndarray, train: bool = False,
+               example_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """images (B, H, W, C) normalised -> logits (B, num_classes) float32.
 
-    `train` turns on drop path (uses the 'dropout' rng) and batch statistics.
+    `train` turns on drop path (uses the 'dropout' rng) and batch statistics;
+    `example_ids` (B,) global indices key each example's drop path (device-count free).
     """
     dtype = jnp.dtype(self.dtype)
     encoder = Encoder(img_size=self.img_size, patch_size=self.patch_size,
@@ -111,7 +113,8 @@ class Classifier(nn.Module):
                       mlp_ratio=self.mlp_ratio, layer_norm_eps=self.layer_norm_eps,
                       drop_path_rate=self.drop_path_rate, learn_pos_embed=True, dtype=dtype,
                       name='encoder')
-    x = encoder(images, deterministic=not train, final_norm=not self.global_pool)
+    x = encoder(images, deterministic=not train, final_norm=not self.global_pool,
+                example_ids=example_ids)
     if self.global_pool:
       x = jnp.mean(x[:, 1:], axis=1)
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name='fc_norm')(x)

@@ -47,7 +47,7 @@ class TrainState(train_state.TrainState):
 # --- Trained / frozen split ------------------------------------------------------------------
 
 def split_params(params: Params, is_trained: Callable[[Path], bool]) -> Tuple[Params, Params]:
-  """(trained, frozen) nested dicts holding the leaves for which `is_trained(path)` is/isn't true."""
+  """(trained, frozen) nested dicts: the leaves for which `is_trained(path)` is / is not true."""
   flat = traverse_util.flatten_dict(dict(params))
   trained = {p: v for p, v in flat.items() if is_trained(p)}
   frozen = {p: v for p, v in flat.items() if not is_trained(p)}

@@ -60,8 +60,7 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
   an int mixes groups of that many examples keyed by their global index, the same on any
   device count) and `label_smoothing` with functools.partial before pmap.
   """
-  mix_rng, drop_rng = jax.random.split(rng)
-  drop_rng = downstream.step_rng(drop_rng, batch)
+  mix_rng, drop_rng = jax.random.split(rng)  # drop path: keyed per example below
   images, labels = batch['image'], batch['label']
   if mixup['mixup_alpha'] > 0 or mixup['cutmix_alpha'] > 0:
     from mae_jax.mixup import mixup_cutmix  # pylint: disable=g-import-not-at-top
@@ -77,7 +76,7 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
 
   def loss_fn(params):
     logits = state.apply_fn({'params': downstream.merge_params(params, frozen)}, images,
-                            train=True, rngs={'dropout': drop_rng})
+                            train=True, example_ids=batch['index'], rngs={'dropout': drop_rng})
     return downstream.soft_cross_entropy(logits, targets), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -67,17 +67,26 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth per example (timm's drop_path): zero a residual branch, rescale the rest."""
+  """Stochastic depth per example (timm's drop_path): zero a residual branch, rescale the rest.
+
+  With `example_ids` (global indices) each example's draw is keyed by its index, so it does
+  not depend on the device count or on where the example sits in the batch.
+  """
   rate: float
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, deterministic: bool,
+               example_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     if deterministic or self.rate == 0.0:
       return x
     keep = 1.0 - self.rate
     rng = self.make_rng('dropout')
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(rng, keep, shape)
+    if example_ids is None:
+      mask = jax.random.bernoulli(rng, keep, (x.shape[0],))
+    else:
+      mask = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i), keep))(
+          example_ids.astype(jnp.uint32))
+    mask = mask.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -90,13 +99,16 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, deterministic: bool = True,
+               example_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     d = x.shape[-1]
     drop = DropPath(self.drop_path)
     y = layer_norm(self.layer_norm_eps, self.dtype, 'norm1')(x)
-    x = x + drop(Attention(self.num_heads, self.dtype, name='attn')(y), deterministic)
+    x = x + drop(Attention(self.num_heads, self.dtype, name='attn')(y), deterministic,
+                 example_ids)
     y = layer_norm(self.layer_norm_eps, self.dtype, 'norm2')(x)
-    x = x + drop(Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')(y), deterministic)
+    x = x + drop(Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')(y), deterministic,
+                 example_ids)
     return x
 
 
@@ -157,7 +169,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, masking: Optional[masking_lib.Masking] = None,
-               deterministic: bool = True, final_norm: bool = True) -> jnp.ndarray:
+               deterministic: bool = True, final_norm: bool = True,
+               example_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """images (B, H, W, C) -> tokens (B, 1 + K, D), cls first.
 
     K is the number of kept patches when `masking` is given, else all L patches. With
@@ -165,6 +178,7 @@ class Encoder(nn.Module):
     all L patches go through the encoder (the paper's slow baseline).
     `final_norm=False` returns the block output without the final LayerNorm (global-pool
     fine-tuning uses its own `fc_norm`, and then `norm` has no parameters).
+    `example_ids` (B,) global indices key each example's drop-path draws (see DropPath).
     """
     x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name='patch_embed')(images)
     pos = self.pos_table().astype(self.dtype)
@@ -183,7 +197,7 @@ class Encoder(nn.Module):
     dpr = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, float(dpr[i]), self.layer_norm_eps,
-                self.dtype, name=f'blocks_{i}')(x, deterministic)
+                self.dtype, name=f'blocks_{i}')(x, deterministic, example_ids)
     if final_norm:
       x = layer_norm(self.layer_norm_eps, self.dtype, 'norm')(x)
     return x

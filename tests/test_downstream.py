@@ -402,6 +402,55 @@ def test_finetune_step_lowers_loss(finetune_setup):
   assert losses[-1] < losses[0], losses
 
 
+def test_drop_path_is_keyed_by_example_index():
+  """Each example's stochastic depth depends on its global index only: reordering the batch
+  reorders the outputs, and about `rate` of the examples lose the branch."""
+  from mae_jax.vit import DropPath
+  drop = DropPath(0.5)
+  x = jnp.ones((64, 3, 2))
+  ids = jnp.arange(64) + 7
+  run = lambda x, ids: drop.apply({}, x, False, ids, rngs={'dropout': jax.random.PRNGKey(5)})
+  out = np.asarray(run(x, ids))
+  kept = out[:, 0, 0] > 0
+  assert set(np.unique(out)) == {0.0, 2.0}  # dropped, or kept and rescaled by 1 / keep
+  assert 16 < kept.sum() < 48
+  perm = np.random.RandomState(0).permutation(64)
+  np.testing.assert_array_equal(np.asarray(run(x[perm], ids[perm])), out[perm])
+  np.testing.assert_array_equal(np.asarray(drop.apply({}, x, True, ids)), x)
+
+
+def test_finetune_step_with_drop_path_8_devices_equals_1_device():
+  """Drop path keyed per example: a strong rate gives the same step on 8 devices and on 1."""
+  # A large head init: the loss then depends on the features, hence on the drop masks.
+  model = classifier_lib.classifier_from_config(tiny_model_cfg(depth=4), NUM_CLASSES,
+                                                global_pool=True, drop_path_rate=0.5,
+                                                head_init_std=0.5)
+  params, _ = _init(model)
+  config = ml_collections.ConfigDict(dict(model=dict(depth=4), layer_decay=0.75,
+                                          weight_decay=0.05, b1=0.9, b2=0.999))
+  state = finetune.create_train_state(
+      model, params, downstream.last_blocks_trained(4, None),
+      lambda trained: finetune.make_optimizer(config, lambda _: 1e-3, trained))
+  bound = functools.partial(finetune.train_step, num_classes=NUM_CLASSES, label_smoothing=0.1,
+                            mixup={'mixup_alpha': 0.0, 'cutmix_alpha': 0.0, 'switch_prob': 0.5})
+  batch = synthetic_batch(16, 3)
+  results = []
+  for n in (NDEV, 1):
+    step = jax.pmap(bound, axis_name=downstream.AXIS, in_axes=(0, 0, None),
+                    devices=jax.devices()[:n])
+    new, metrics = step(downstream.replicate(state, devices=jax.devices()[:n]),
+                        shard(batch, n), jax.random.PRNGKey(1))
+    results.append((float(metrics['loss'][0]), flat(downstream.unreplicate(new).params)))
+  (loss8, p8), (loss1, p1) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for key in p1:
+    a, b = p8[key], p1[key]
+    if key.endswith('qkv/bias'):  # the key bias has a zero gradient (softmax shift), and
+      d = a.shape[0] // 3  # Adam turns its rounding noise into full-size steps
+      a, b = np.delete(a, np.s_[d:2 * d]), np.delete(b, np.s_[d:2 * d])
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6, err_msg=key)
+
+
 @pytest.mark.parametrize('k', [-1, 5, 2.0, True])
 def test_trainable_blocks_out_of_range(k):
   with pytest.raises(ValueError, match=r'outside \[0, depth=4\]'):
