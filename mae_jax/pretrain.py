@@ -55,6 +55,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f'mae_jax.pretrain_config.pretrain_config(model_name).')
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size must be positive, got {config.batch_size}.')
+  if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
+    raise ValueError(f'config.grad_accum_steps must be an integer >= 1 (1: no accumulation), '
+                     f'got {config.grad_accum_steps!r}.')
   for field in ('log_every_steps', 'checkpoint_every_steps', 'visualize_every_steps'):
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {config[field]}.')
@@ -70,6 +73,16 @@ def local_batch_size(global_batch_size: int) -> int:
         f'({processes} process(es) x {devices} local device(s) = {n}). Use a multiple of '
         f'{n}, e.g. --config.batch_size={max(1, global_batch_size // n) * n}.')
   return global_batch_size // processes
+
+
+def check_accumulation(global_batch_size: int, accum_steps: int) -> None:
+  """Raises unless each device's batch splits into `accum_steps` equal micro-batches."""
+  per_device = local_batch_size(global_batch_size) // jax.local_device_count()
+  if per_device % accum_steps:
+    raise ValueError(
+        f'config.grad_accum_steps={accum_steps} does not divide the per-device batch '
+        f'{per_device} (batch_size {global_batch_size} over {jax.device_count()} device(s)). '
+        f'Use a divisor of {per_device}, or change config.batch_size.')
 
 
 def create_model(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
@@ -122,8 +135,8 @@ class TrainingFunctions(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def training_functions(model: MaskedAutoencoder, opt_args: Tuple,
-                       schedule: optax.Schedule) -> TrainingFunctions:
+def training_functions(model: MaskedAutoencoder, opt_args: Tuple, schedule: optax.Schedule,
+                       accum_steps: int = 1) -> TrainingFunctions:
   """Builds (once per process and setting) the optimiser and the jitted/pmapped functions.
 
   Cached because jax caches compilations per function object: a second
@@ -138,7 +151,8 @@ def training_functions(model: MaskedAutoencoder, opt_args: Tuple,
   reconstruct = jax.jit(lambda params, images, rng: model.apply(
       {'params': params}, images, rngs={'mask': rng}))
   return TrainingFunctions(model=model, tx=tx, init=jax.jit(model.init),
-                           p_train_step=make_p_train_step(schedule), reconstruct=reconstruct)
+                           p_train_step=make_p_train_step(schedule, accum_steps=accum_steps),
+                           reconstruct=reconstruct)
 
 
 def _dummy_images(model: MaskedAutoencoder) -> jax.ShapeDtypeStruct:
@@ -190,8 +204,8 @@ def with_init_params(params: Any, loaded: Dict[str, np.ndarray]) -> Any:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-def train_step(state: TrainState, batch: Batch, rng: jax.Array,
-               schedule: optax.Schedule) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, schedule: optax.Schedule,
+               accum_steps: int = 1) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One AdamW step on this device's shard; gradients and metrics averaged over all devices.
 
   Args:
@@ -200,15 +214,30 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array,
     rng: the run's training key; step s masks with `fold_in(rng, s)`, and example i
       with that folded with `batch['index'][i]`.
     schedule: the learning-rate schedule (bound before pmap), for logging.
+    accum_steps: run the shard as this many sequential micro-batches (b divisible by it)
+      and average their gradients: the same step with less activation memory.
   """
   mask_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params):
-    loss, _, _ = state.apply_fn({'params': params}, batch['image'],
-                                example_ids=batch['index'], rngs={'mask': mask_rng})
+  def loss_fn(params, micro):
+    loss, _, _ = state.apply_fn({'params': params}, micro['image'],
+                                example_ids=micro['index'], rngs={'mask': mask_rng})
     return loss
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn)
+  if accum_steps == 1:
+    loss, grads = grad_fn(state.params, batch)
+  else:
+    micro_batches = jax.tree_util.tree_map(
+        lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+
+    def accumulate(total, micro):
+      return jax.tree_util.tree_map(jnp.add, total, grad_fn(state.params, micro)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    total, _ = jax.lax.scan(accumulate, zeros, micro_batches)
+    # Micro-batches remove equally many patches, so their mean is the shard's loss.
+    loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, total)
   # Every shard removes the same number of patches, so the mean of per-shard losses
   # (and gradients) is the loss (gradient) of the whole global batch.
   grads = jax.lax.pmean(grads, AXIS_NAME)
@@ -217,14 +246,16 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array,
   return state.apply_gradients(grads=grads), metrics
 
 
-def make_p_train_step(schedule: optax.Schedule, devices=None) -> Callable:
+def make_p_train_step(schedule: optax.Schedule, devices=None, accum_steps: int = 1
+                      ) -> Callable:
   """`train_step` pmapped over `devices` (default: all local ones), donating the state's buffers.
 
   Donation lets XLA update parameters and optimiser moments in place instead of
   holding two copies of the state.
   """
-  return jax.pmap(functools.partial(train_step, schedule=schedule), axis_name=AXIS_NAME,
-                  in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
+  step = functools.partial(train_step, schedule=schedule, accum_steps=accum_steps)
+  return jax.pmap(step, axis_name=AXIS_NAME, in_axes=(0, 0, None), donate_argnums=(0,),
+                  devices=devices)
 
 
 def shard_batch(batch: Batch) -> Batch:
@@ -321,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   metrics_log.quiet_library_logs()
   # 1. Everything that can be wrong with the config, devices, workdir or data fails here.
   check_config(config)
-  local_batch_size(config.batch_size)
+  check_accumulation(config.batch_size, config.grad_accum_steps)
   model = create_model(config)
   latest = checkpoint.check_workdir_compatible(workdir, config.model.to_dict(), config.to_dict())
   start_step = latest or 0
@@ -349,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # 2. Model, optimiser, and the state to continue from.
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  fns = training_functions(model, optimizer_args(config), schedule)
+  fns = training_functions(model, optimizer_args(config), schedule, config.grad_accum_steps)
   state = create_train_state(config, model, init_rng, schedule)
   visualizer = (None if vis_images is None else
                 Visualizer(model, config, vis_images, workdir, fns.reconstruct))

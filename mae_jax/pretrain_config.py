@@ -16,7 +16,8 @@ CONFIG_FIELDS = (
     'job', 'model', 'dataset', 'seed', 'batch_size', 'base_lr', 'min_lr', 'optimizer',
     'num_epochs', 'warmup_epochs', 'total_steps', 'warmup_steps', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
-    'visualize_every_steps', 'num_visualize', 'prefetch_batches', 'init_from')
+    'visualize_every_steps', 'num_visualize', 'prefetch_batches', 'init_from',
+    'grad_accum_steps')
 
 
 def dataset_config(**overrides) -> ml_collections.ConfigDict:
@@ -46,7 +47,11 @@ def pretrain_config(model_name: str, num_epochs: int = 1600, norm_pix_loss: bool
                                   eval_split='validation')
   config.seed = 0
 
-  config.batch_size = 4096  # global, over all hosts and devices
+  config.batch_size = 4096  # global, over all hosts and devices: one optimiser step
+  # Each device's share of the batch runs as this many sequential micro-batches whose
+  # gradients are averaged (the reference's accum_iter): less activation memory, the same
+  # step (masks are keyed per example, so the result does not change).
+  config.grad_accum_steps = 1
   config.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256
   config.min_lr = 0.0
   config.optimizer = ml_collections.ConfigDict(dict(

@@ -229,6 +229,14 @@ def test_bad_input_fails_before_compiling(no_compiling, tmp_path):
   config.dataset.source, config.dataset.data_dir = 'imagefolder', str(tmp_path / 'no_such_dir')
   with pytest.raises(FileNotFoundError, match='no_such_dir.*data_dir'):
     pretrain.train_and_evaluate(config, str(tmp_path / 'b'))
+  config = load_config('tiny')  # batch 16 on 8 devices: 2 per device
+  config.grad_accum_steps = 4
+  with pytest.raises(ValueError, match=r'grad_accum_steps=4 does not divide the per-device '
+                                       r'batch 2.*divisor of 2'):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'a'))
+  config.grad_accum_steps = 0
+  with pytest.raises(ValueError, match=r'grad_accum_steps must be an integer >= 1'):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'a'))
   config = load_config('tiny')
   config.num_visualise = 4  # misspelt field in a config file
   with pytest.raises(ValueError, match=r"Unknown config field\(s\) \['num_visualise'\]"):
@@ -261,9 +269,8 @@ def _drop_key_bias(params):
   return jax.tree_util.tree_map_with_path(drop, params)
 
 
-def test_pmap_over_8_devices_equals_one_device(tiny_run):
-  assert jax.local_device_count() == 8
-  config = tiny_run['config']
+def _step_setup(config):
+  """(schedule, compiled functions, fresh state, batch stream) of the tiny run's config."""
   model = pretrain.create_model(config)
   schedule = pretrain.create_schedule(config, steps_per_epoch=0)
   fns = pretrain.training_functions(model, pretrain.optimizer_args(config), schedule)
@@ -271,6 +278,12 @@ def test_pmap_over_8_devices_equals_one_device(tiny_run):
   stream = input_pipeline.create_dataset(
       config.dataset, split='train', mode='pretrain', global_batch_size=config.batch_size,
       image_size=32, seed=0)
+  return schedule, fns, state, stream
+
+
+def test_pmap_over_8_devices_equals_one_device(tiny_run):
+  assert jax.local_device_count() == 8
+  schedule, fns, state, stream = _step_setup(tiny_run['config'])
   batches = [next(stream), next(stream)]  # step 0 has lr 0 (warmup), step 1 moves the params
   rng = jax.random.PRNGKey(3)
   eight = jax_utils.replicate(state, axis_name=pretrain.AXIS_NAME)
@@ -290,6 +303,27 @@ def test_pmap_over_8_devices_equals_one_device(tiny_run):
   assert tree_allclose(p8, p1, rtol=1e-5, atol=1e-6)
   # The step moved the parameters, so the comparison above is not vacuous.
   assert not tree_allclose(pretrain.unreplicate(one.params), state.params, atol=1e-6)
+
+
+def test_gradient_accumulation_gives_the_same_step(tiny_run):
+  """The whole batch on one device in 4 micro-batches equals the 8-device step: the same
+  loss, gradient norm and parameters (masks are keyed per example, not per micro-batch)."""
+  schedule, fns, state, stream = _step_setup(tiny_run['config'])
+  rng = jax.random.PRNGKey(3)
+  one_device = jax.local_devices()[:1]
+  p_accum = pretrain.make_p_train_step(schedule, devices=one_device, accum_steps=4)
+  eight = jax_utils.replicate(state, axis_name=pretrain.AXIS_NAME)
+  accum = jax_utils.replicate(state, devices=one_device, axis_name=pretrain.AXIS_NAME)
+  for _ in range(2):  # step 0 has lr 0 (warmup), step 1 moves the params
+    batch = next(stream)
+    eight, m8 = fns.p_train_step(eight, pretrain.shard_batch(batch), rng)
+    one_batch = {'image': batch['image'][None], 'index': batch['index'][None].astype(np.int32)}
+    accum, ma = p_accum(accum, one_batch, rng)
+    np.testing.assert_allclose(ma['loss'][0], m8['loss'][0], rtol=1e-5)
+    np.testing.assert_allclose(ma['grad_norm'][0], m8['grad_norm'][0], rtol=1e-4)
+  pa, p8 = pretrain.unreplicate(accum.params), pretrain.unreplicate(eight.params)
+  assert tree_allclose(_drop_key_bias(pa), _drop_key_bias(p8), rtol=1e-5, atol=1e-6)
+  assert not tree_allclose(pa, state.params, atol=1e-6)
 
 
 def test_pretraining_starts_from_a_converted_encoder_only_release(tiny_run, tmp_path):
