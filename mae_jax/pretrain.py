@@ -374,9 +374,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   is_main = jax.process_index() == 0
   vis_images = heldout_images(config) if is_main and config.num_visualize > 0 else None
   logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
-               'device(s) in %d process(es), from step %d.', total_steps, schedule.warmup_steps,
-               steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count(),
-               start_step)
+               'device(s) in %d process(es) (%d micro-batch(es) per step), from step %d.',
+               total_steps, schedule.warmup_steps, steps_per_epoch, config.batch_size,
+               jax.device_count(), jax.process_count(), config.grad_accum_steps, start_step)
 
   # 2. Model, optimiser, and the state to continue from.
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
