@@ -8,10 +8,12 @@
 #
 # Process 0 prints to the terminal, the others to WORKDIR/../<name>.process<i>.log.
 # config.batch_size must be divisible by NUM_PROCESSES * DEVICES_PER_PROCESS.
+# PYTHON picks the interpreter (default: `python` on PATH), e.g. PYTHON=.venv/bin/python.
 set -euo pipefail
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-2}"
 PORT="${PORT:-23456}"
+PYTHON="${PYTHON:-python}"
 CONFIG="${1:-configs/demo.py}"
 WORKDIR="${2:-/tmp/mae_multiprocess}"
 shift 2 || shift $#
@@ -21,7 +23,7 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = NUM_PROCESSES - 1; i >= 0; i--)); do
   cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
-       python -m mae_jax.main --config="$CONFIG" --workdir="$WORKDIR" --multihost
+       "$PYTHON" -m mae_jax.main --config="$CONFIG" --workdir="$WORKDIR" --multihost
        --coordinator_address="localhost:$PORT" --num_processes="$NUM_PROCESSES" --process_id="$i" "$@")
   if ((i == 0)); then
     "${cmd[@]}" &

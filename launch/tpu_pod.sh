@@ -8,13 +8,15 @@
 # `python -m mae_jax.main --multihost` everywhere (jax.distributed finds the pod by itself).
 # WORKDIR must be on GCS so that all hosts see the same checkpoints; rerunning the same
 # command resumes from the latest one. Run it inside tmux/screen: closing the ssh session
-# stops the job (it restarts from the last checkpoint).
+# stops the job (it restarts from the last checkpoint). PYTHON names the hosts' interpreter
+# (default python3, which TPU VM images have; `python` may be missing there).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone}"
 : "${WORKDIR:?set WORKDIR to a gs:// directory}"
 CONFIG="${1:-configs/vit_b.py}"
 shift || true
+PYTHON="${PYTHON:-python3}"
 EXTRA_ARGS=$(printf ' %q' "$@")
 
 cd "$(dirname "$0")/.."
@@ -24,5 +26,5 @@ gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU_NAME":mae_jax.tar.gz --zone="$ZO
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e
   rm -rf ~/mae_jax && mkdir -p ~/mae_jax && tar xzf ~/mae_jax.tar.gz -C ~/mae_jax && cd ~/mae_jax
-  pip install -q -e . 'jax[tpu]'
-  python -m mae_jax.main --config=$CONFIG --workdir=$WORKDIR --multihost$EXTRA_ARGS"
+  $PYTHON -m pip install -q -e . 'jax[tpu]'
+  $PYTHON -m mae_jax.main --config=$CONFIG --workdir=$WORKDIR --multihost$EXTRA_ARGS"

@@ -5,10 +5,10 @@ import os
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-tf = pytest.importorskip('tensorflow')
-
-from mae_jax import data_sources  # pylint: disable=g-import-not-at-top
+from mae_jax import data_sources
 from mae_jax import input_pipeline as ip
 from mae_jax import preprocess
 
@@ -124,7 +124,6 @@ def test_embedded_photos_are_real_images():
 
 
 def test_tfds_mock_data_sequential_and_random_access():
-  tfds = pytest.importorskip('tensorflow_datasets')
   kw = dict(global_batch_size=4, image_size=8)
   with tfds.testing.mock_data(num_examples=10):
     seq_cfg = ml_cfg(source='tfds', name='cifar10', tfds_read='auto')  # mocks are TFRecord
@@ -216,7 +215,6 @@ def test_pretrain_normalises_a_solid_image_exactly(tmp_path):
 
 
 def test_finetune_mode_applies_randaugment_and_erasing():
-  pytest.importorskip('mae_jax.randaugment')
   cfg = ip.default_dataset_config()
   probe = _batches(cfg, n=1, mode='linear_probe', global_batch_size=16, image_size=16)[0]
   tuned = _batches(cfg, n=1, mode='finetune', global_batch_size=16, image_size=16)[0]
@@ -327,7 +325,6 @@ def test_unreadable_image_is_named(tmp_path):
 
 
 def test_tfds_errors(tmp_path):
-  pytest.importorskip('tensorflow_datasets')
   with pytest.raises(ValueError, match="Unknown TFDS dataset 'no_such_dataset'"):
     ip.num_classes(ml_cfg(source='tfds', name='no_such_dataset'))
   with pytest.raises(FileNotFoundError,

@@ -358,7 +358,8 @@ def test_two_processes_train_exactly_like_one(tiny_run, tmp_path):
   """A real multi-host run: two processes on localhost joined by jax.distributed (gloo)."""
   workdir = tmp_path / 'two_processes'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(NUM_PROCESSES='2', DEVICES_PER_PROCESS='1', PORT=str(23000 + os.getpid() % 2000))
+  env.update(NUM_PROCESSES='2', DEVICES_PER_PROCESS='1', PORT=str(23000 + os.getpid() % 2000),
+             PYTHON=sys.executable)  # the interpreter running the tests, activated or not
   result = subprocess.run(
       ['bash', str(REPO / 'launch' / 'local_cpu.sh'), 'configs/tiny.py', str(workdir),
        '--config.num_visualize=0'],
