@@ -17,7 +17,7 @@ import time
 
 
 def model_dims(name: str) -> dict:
-  from mae_jax.presets import MODELS  # pylint: disable=g-import-not-at-top
+  from mae_jax.model.presets import MODELS  # pylint: disable=g-import-not-at-top
   dims = dict(in_chans=3, mlp_ratio=4.0, norm_pix_loss=True, mask_ratio=0.75)
   dims.update(MODELS[name])
   return dims

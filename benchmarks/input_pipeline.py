@@ -1,4 +1,4 @@
-"""Images/s of mae_jax.input_pipeline on this machine (pretrain mode unless --mode).
+"""Images/s of mae_jax.data.pipeline on this machine (pretrain mode unless --mode).
 
 python benchmarks/input_pipeline.py --source=embedded --size=32
 python benchmarks/input_pipeline.py --source=imagefolder --data_dir=/tmp/cifar --size=32
@@ -6,7 +6,7 @@ python benchmarks/input_pipeline.py --source=imagefolder --data_dir=/tmp/cifar -
 import argparse
 import time
 
-from mae_jax import input_pipeline as ip
+from mae_jax.data import pipeline as ip
 
 p = argparse.ArgumentParser()
 p.add_argument('--source', default='embedded')

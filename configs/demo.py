@@ -8,8 +8,8 @@ paper's masking (75%), optimiser and schedule, with a learning rate and length m
 a short run. Reconstructions of held-out tiles land in <workdir>/reconstructions/; the
 final checkpoint is where the linear-probe and fine-tuning demos start.
 """
-from mae_jax import presets
-from mae_jax.pretrain_config import dataset_config, pretrain_config
+from mae_jax.jobs.recipes import dataset_config, pretrain_config
+from mae_jax.model import presets
 
 
 def get_config():

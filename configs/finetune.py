@@ -5,8 +5,8 @@ CPU demo on the embedded photos) or cifar10 (needs --config.dataset.data_dir). G
 pretrained encoder with --config.init_from=<pretraining workdir or checkpoint dir>;
 higher resolution (e.g. ViT-H at 448) with --config.model.img_size=448.
 """
-from mae_jax import downstream_config
+from mae_jax.jobs import recipes
 
 
 def get_config(arg: str = 'vit_b'):
-  return downstream_config.finetune_config(arg)
+  return recipes.finetune_config(arg)

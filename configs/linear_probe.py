@@ -4,8 +4,8 @@ Arguments: vit_b | vit_l | vit_h (the paper's recipes, ImageNet-1k from TFDS), d
 cifar10 (needs --config.dataset.data_dir). Needs --config.init_from=<pretraining workdir
 or checkpoint dir>.
 """
-from mae_jax import downstream_config
+from mae_jax.jobs import recipes
 
 
 def get_config(arg: str = 'vit_b'):
-  return downstream_config.linear_probe_config(arg)
+  return recipes.linear_probe_config(arg)

@@ -4,9 +4,9 @@ Only the last k encoder blocks, the final norm (fc_norm) and the head train; k i
 [0, depth] (0: frozen encoder). Argument `<size>,<k>` with size as in finetune.py; the
 count can also be set with --config.trainable_blocks=k.
 """
-from mae_jax import downstream_config
+from mae_jax.jobs import recipes
 
 
 def get_config(arg: str = 'vit_l,1'):
-  size, k = downstream_config.parse_partial_arg(arg)
-  return downstream_config.partial_finetune_config(size, k)
+  size, k = recipes.parse_partial_arg(arg)
+  return recipes.partial_finetune_config(size, k)

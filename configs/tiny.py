@@ -2,7 +2,7 @@
 
 python -m mae_jax.main --config=configs/tiny.py --workdir=/tmp/mae_tiny
 """
-from mae_jax.pretrain_config import dataset_config, pretrain_config
+from mae_jax.jobs.recipes import dataset_config, pretrain_config
 
 
 def get_config():

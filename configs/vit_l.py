@@ -8,7 +8,7 @@ The released weights: 1600 epochs with norm_pix_loss (the default). The paper's
 lr = 1.5e-4 * batch / 256 with 40 warmup epochs then half-cycle cosine.
 `download=True` prepares ImageNet once from the manually downloaded tars (README, Data).
 """
-from mae_jax.pretrain_config import pretrain_config
+from mae_jax.jobs.recipes import pretrain_config
 
 
 def get_config(epochs: str = '1600'):

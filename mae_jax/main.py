@@ -22,9 +22,9 @@ import jax
 from ml_collections import config_flags
 
 JOBS = {
-    'pretrain': 'mae_jax.pretrain',
-    'linear_probe': 'mae_jax.linear_probe',
-    'finetune': 'mae_jax.finetune',
+    'pretrain': 'mae_jax.jobs.pretrain',
+    'linear_probe': 'mae_jax.jobs.linear_probe',
+    'finetune': 'mae_jax.jobs.finetune',
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from mae_jax import mixup as mixup_lib
-from mae_jax import randaugment as ra
+from mae_jax.data import mixup as mixup_lib
+from mae_jax.data import randaugment as ra
 
 FILL = (124, 116, 104)
 

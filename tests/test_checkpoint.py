@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mae_jax import checkpoint
+from mae_jax.io import checkpoint
 
 
 def _params(seed=0):
@@ -96,3 +96,4 @@ def test_incompatible_model_config_refuses_workdir(tmp_path):
   assert 'model.embed_dim: 8 -> 16' in message
   assert 'model.norm_pix_loss: False -> True' in message
   assert '--workdir' in message
+

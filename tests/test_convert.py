@@ -18,7 +18,9 @@ transformers = pytest.importorskip(
     'transformers', reason='conversion tests need transformers (pip install .[test])')
 import torch.nn.functional as F  # noqa: E402
 
-from mae_jax import checkpoint, classifier, convert  # noqa: E402
+from mae_jax import convert  # noqa: E402
+from mae_jax.io import checkpoint  # noqa: E402
+from mae_jax.model import classifier  # noqa: E402
 from test_hf_parity import build_hf_model, hf_numpy_state  # noqa: E402
 
 NUM_CLASSES = 10
@@ -309,7 +311,7 @@ def test_wrong_size_names_the_first_mismatching_key_and_both_shapes(hf):
                      match=r'blocks\.1\.mlp\.fc1\.weight.*\(128, 64\).*expects \(256, 64\)'):
     convert.from_state_dict(bad)
   # A tiny checkpoint against the small_cpu model size.
-  from mae_jax import presets  # pylint: disable=import-outside-toplevel
+  from mae_jax.model import presets  # pylint: disable=import-outside-toplevel
   with pytest.raises(convert.ConversionError,
                      match=r'cls_token.*\(1, 1, 64\).*expects \(1, 1, 128\)'):
     convert.from_state_dict(hf['official'], model_config=presets.model_config('small_cpu'))

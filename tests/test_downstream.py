@@ -15,9 +15,13 @@ import pytest
 import torch
 from flax import jax_utils, traverse_util
 
-from mae_jax import classifier as classifier_lib
-from mae_jax import downstream, finetune, layer_decay, linear_probe, presets
-from mae_jax.pos_embed import sincos_2d
+from mae_jax.jobs import classification
+from mae_jax.jobs import finetune
+from mae_jax.jobs import layer_decay
+from mae_jax.jobs import linear_probe
+from mae_jax.model import classifier as classifier_lib
+from mae_jax.model import presets
+from mae_jax.model.pos_embed import sincos_2d
 
 NUM_CLASSES = 10
 NDEV = 8
@@ -68,7 +72,7 @@ def test_interpolate_pos_embed_same_size_is_identity():
 @pytest.fixture(scope='module')
 def tiny_mae_params():
   """An MAE pretraining tree: the encoder as pretraining builds it (fixed pos table)."""
-  from mae_jax.vit import Encoder
+  from mae_jax.model.vit import Encoder
   enc = Encoder(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
   params = jax.jit(enc.init)(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))['params']
   return {'encoder': jax.device_get(params), 'decoder': {}}
@@ -111,7 +115,7 @@ def test_stored_pos_table_is_used_and_interpolated(tiny_mae_params):
 
 def test_classifier_matches_mae_encoder_features(tiny_mae_params):
   """cls-token mode at the pretraining size = the MAE encoder's normed cls token (unmasked)."""
-  from mae_jax.vit import Encoder
+  from mae_jax.model.vit import Encoder
   cfg = tiny_model_cfg()
   model = classifier_lib.classifier_from_config(cfg, NUM_CLASSES, global_pool=False)
   params = _jit_init(model)['params']
@@ -281,7 +285,7 @@ def test_feature_batch_norm_matches_torch_and_is_device_count_invariant():
   # 8 devices with axis_name: the same outputs and statistics as one device on the batch.
   bn8 = classifier_lib.FeatureBatchNorm(axis_name='batch')
   y8, up8 = jax.pmap(lambda v, xs: bn8.apply(v, xs, train=True, mutable=['batch_stats']),
-                     axis_name='batch')(downstream.replicate(variables), x.reshape(NDEV, 2, 8))
+                     axis_name='batch')(classification.replicate(variables), x.reshape(NDEV, 2, 8))
   np.testing.assert_allclose(np.asarray(y8).reshape(16, 8), y, atol=1e-5)
   for k in ('mean', 'var'):
     np.testing.assert_allclose(up8['batch_stats'][k][3], stats[k], rtol=1e-5, atol=1e-6)
@@ -298,10 +302,10 @@ def _init(model):
 def probe_setup():
   model = classifier_lib.classifier_from_config(
       tiny_model_cfg(), NUM_CLASSES, global_pool=False, probe_batch_norm=True,
-      head_init_std=0.01, bn_axis_name=downstream.AXIS)
+      head_init_std=0.01, bn_axis_name=classification.AXIS)
   params, bs = _init(model)
   tx = linear_probe.lars(lambda s: 0.5)
-  step = jax.pmap(linear_probe.train_step, axis_name=downstream.AXIS, in_axes=(0, 0, None))
+  step = jax.pmap(linear_probe.train_step, axis_name=classification.AXIS, in_axes=(0, 0, None))
   return model, params, bs, tx, step
 
 
@@ -314,7 +318,7 @@ def test_linear_probe_step_freezes_encoder(probe_setup):
                for path, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)}
   arrays = {p for p in opt_paths if not p.endswith('count')}
   assert arrays and all('/head/' in p for p in arrays), opt_paths
-  rstate = downstream.replicate(state)
+  rstate = classification.replicate(state)
   for i in range(2):
     rstate, metrics = step(rstate, shard(synthetic_batch(16, i)), jax.random.PRNGKey(i))
   new = jax_utils.unreplicate(rstate)
@@ -329,10 +333,10 @@ def test_linear_probe_step_8_devices_equals_1_device(probe_setup):
   model, params, bs, tx, step = probe_setup
   state = linear_probe.create_train_state(model, params, bs, tx)
   batch = synthetic_batch(16, 5)
-  s8, m8 = step(downstream.replicate(state), shard(batch), jax.random.PRNGKey(0))
-  step1 = jax.pmap(linear_probe.train_step, axis_name=downstream.AXIS, in_axes=(0, 0, None),
+  s8, m8 = step(classification.replicate(state), shard(batch), jax.random.PRNGKey(0))
+  step1 = jax.pmap(linear_probe.train_step, axis_name=classification.AXIS, in_axes=(0, 0, None),
                    devices=jax.devices()[:1])
-  s1, m1 = step1(downstream.replicate(state, devices=jax.devices()[:1]), shard(batch, 1),
+  s1, m1 = step1(classification.replicate(state, devices=jax.devices()[:1]), shard(batch, 1),
                  jax.random.PRNGKey(0))
   np.testing.assert_allclose(m8['loss'][0], m1['loss'][0], rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves((s8.params, s8.batch_stats)),
@@ -351,7 +355,7 @@ def finetune_setup():
   mixup = {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0, 'switch_prob': 0.5}
   step = jax.pmap(functools.partial(finetune.train_step, num_classes=NUM_CLASSES, mixup=mixup,
                                     label_smoothing=0.1),
-                  axis_name=downstream.AXIS, in_axes=(0, 0, None))
+                  axis_name=classification.AXIS, in_axes=(0, 0, None))
   return model, params, config, step
 
 
@@ -361,7 +365,7 @@ def finetune_setup():
 ])
 def test_partial_finetune_trains_exactly_last_blocks(finetune_setup, k, changed):
   model, params, config, step = finetune_setup
-  is_trained = downstream.last_blocks_trained(4, k)
+  is_trained = classification.last_blocks_trained(4, k)
   tx_factory = lambda trained: finetune.make_optimizer(config, lambda _: 1e-3, trained)
   state = finetune.create_train_state(model, params, is_trained, tx_factory)
   # Adam moments exist for the trained params only.
@@ -370,10 +374,10 @@ def test_partial_finetune_trains_exactly_last_blocks(finetune_setup, k, changed)
                 for path, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)
                 if any(getattr(k, 'name', None) == moments for k in path)}
     assert in_state == set(flat(state.params)), moments
-  rstate = downstream.replicate(state)
+  rstate = classification.replicate(state)
   rstate, _ = step(rstate, shard(synthetic_batch(16, 1)), jax.random.PRNGKey(0))
   new = jax_utils.unreplicate(rstate)
-  merged = flat(downstream.merge_params(new.params, new.frozen))
+  merged = flat(classification.merge_params(new.params, new.frozen))
   for key, value in flat(params).items():
     group = '/'.join(key.split('/')[:2]) if key.startswith('encoder/blocks') else (
         key.split('/')[0] if key.split('/')[0] != 'encoder' else key)
@@ -388,12 +392,12 @@ def test_finetune_step_lowers_loss(finetune_setup):
   above); full fine-tuning trains every param and freezes none."""
   model, params, config, step = finetune_setup
   tx_factory = lambda trained: finetune.make_optimizer(config, lambda _: 3e-3, trained)
-  full = finetune.create_train_state(model, params, downstream.last_blocks_trained(4, None),
+  full = finetune.create_train_state(model, params, classification.last_blocks_trained(4, None),
                                      tx_factory)
   assert not full.frozen and set(flat(full.params)) == set(flat(params))
-  state = finetune.create_train_state(model, params, downstream.last_blocks_trained(4, 2),
+  state = finetune.create_train_state(model, params, classification.last_blocks_trained(4, 2),
                                       tx_factory)
-  rstate = downstream.replicate(state)
+  rstate = classification.replicate(state)
   batch = shard(synthetic_batch(16, 2))
   losses = []
   for i in range(4):
@@ -405,7 +409,7 @@ def test_finetune_step_lowers_loss(finetune_setup):
 def test_drop_path_is_keyed_by_example_index():
   """Each example's stochastic depth depends on its global index only: reordering the batch
   reorders the outputs, and about `rate` of the examples lose the branch."""
-  from mae_jax.vit import DropPath
+  from mae_jax.model.vit import DropPath
   drop = DropPath(0.5)
   x = jnp.ones((64, 3, 2))
   ids = jnp.arange(64) + 7
@@ -429,18 +433,18 @@ def test_finetune_step_with_drop_path_8_devices_equals_1_device():
   config = ml_collections.ConfigDict(dict(model=dict(depth=4), layer_decay=0.75,
                                           weight_decay=0.05, b1=0.9, b2=0.999))
   state = finetune.create_train_state(
-      model, params, downstream.last_blocks_trained(4, None),
+      model, params, classification.last_blocks_trained(4, None),
       lambda trained: finetune.make_optimizer(config, lambda _: 1e-3, trained))
   bound = functools.partial(finetune.train_step, num_classes=NUM_CLASSES, label_smoothing=0.1,
                             mixup={'mixup_alpha': 0.0, 'cutmix_alpha': 0.0, 'switch_prob': 0.5})
   batch = synthetic_batch(16, 3)
   results = []
   for n in (NDEV, 1):
-    step = jax.pmap(bound, axis_name=downstream.AXIS, in_axes=(0, 0, None),
+    step = jax.pmap(bound, axis_name=classification.AXIS, in_axes=(0, 0, None),
                     devices=jax.devices()[:n])
-    new, metrics = step(downstream.replicate(state, devices=jax.devices()[:n]),
+    new, metrics = step(classification.replicate(state, devices=jax.devices()[:n]),
                         shard(batch, n), jax.random.PRNGKey(1))
-    results.append((float(metrics['loss'][0]), flat(downstream.unreplicate(new).params)))
+    results.append((float(metrics['loss'][0]), flat(classification.unreplicate(new).params)))
   (loss8, p8), (loss1, p1) = results
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   for key in p1:
@@ -454,13 +458,13 @@ def test_finetune_step_with_drop_path_8_devices_equals_1_device():
 @pytest.mark.parametrize('k', [-1, 5, 2.0, True])
 def test_trainable_blocks_out_of_range(k):
   with pytest.raises(ValueError, match=r'outside \[0, depth=4\]'):
-    downstream.last_blocks_trained(4, k)
+    classification.last_blocks_trained(4, k)
 
 
 def test_eval_step_counts_valid_examples_only():
   model = classifier_lib.classifier_from_config(tiny_model_cfg(), NUM_CLASSES, global_pool=True)
   params, _ = _init(model)
-  state = downstream.TrainState.create(apply_fn=model.apply, params=params,
+  state = classification.TrainState.create(apply_fn=model.apply, params=params,
                                        tx=optax.identity(), frozen={}, batch_stats={})
   batch = synthetic_batch(16, 3)
   logits = np.asarray(jax.jit(model.apply)({'params': params}, batch['image']))
@@ -468,18 +472,18 @@ def test_eval_step_counts_valid_examples_only():
   valid = np.arange(16) < 11
   batch['label'][~valid] = (batch['label'][~valid] + 1) % NUM_CLASSES  # ...but the padding
   batch['valid'] = valid
-  sums = jax.pmap(downstream.eval_step, axis_name=downstream.AXIS)(
-      downstream.replicate(state), shard(batch))
-  result = downstream.summarize_eval(jax.tree_util.tree_map(lambda x: x[0], sums))
+  sums = jax.pmap(classification.eval_step, axis_name=classification.AXIS)(
+      classification.replicate(state), shard(batch))
+  result = classification.summarize_eval(jax.tree_util.tree_map(lambda x: x[0], sums))
   assert result['count'] == 11 and result['top1'] == 100.0 and result['top5'] == 100.0
 
 
 # --- train_and_evaluate: runs, eval-only, resume, bad input ----------------------------------
 
 def _run_config(job, **overrides):
-  from mae_jax import downstream_config
-  config = (downstream_config.linear_probe_config('demo') if job == 'linear_probe'
-            else downstream_config.finetune_config('demo'))
+  from mae_jax.jobs import recipes
+  config = (recipes.linear_probe_config('demo') if job == 'linear_probe'
+            else recipes.finetune_config('demo'))
   config.model = tiny_model_cfg()
   fields = dict(total_steps=4, warmup_steps=1, batch_size=16, eval_batch_size=72,
                 log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=2,
@@ -492,7 +496,7 @@ def _run_config(job, **overrides):
 @pytest.fixture(scope='module')
 def pretrained_dir(tiny_mae_params, tmp_path_factory):
   """A params-only checkpoint (the format converted PyTorch releases are stored in)."""
-  from mae_jax import checkpoint
+  from mae_jax.io import checkpoint
   path = tmp_path_factory.mktemp('pretrained') / 'mae_tiny'
   checkpoint.save_params(str(path), tiny_mae_params, dict(tiny_model_cfg()))
   return str(path)
@@ -505,7 +509,7 @@ def _read_jsonl(path):
 
 def test_linear_probe_run_eval_only_and_resume(pretrained_dir, tiny_mae_params, tmp_path):
   import shutil
-  from mae_jax import checkpoint
+  from mae_jax.io import checkpoint
   workdir = str(tmp_path / 'probe')
   config = _run_config('linear_probe', init_from=pretrained_dir)
   result = linear_probe.train_and_evaluate(config, workdir)
@@ -542,7 +546,7 @@ def test_partial_finetune_run_keeps_frozen_blocks(pretrained_dir, tiny_mae_param
                                                         tmp_path):
   """Partial fine-tuning with k=1 through train_and_evaluate: frozen blocks keep their
   pretrained values in the checkpoint, the trained block moves."""
-  from mae_jax import checkpoint
+  from mae_jax.io import checkpoint
   workdir = str(tmp_path / 'partial')
   config = _run_config('finetune', init_from=pretrained_dir, trainable_blocks=1,
                        total_steps=2, eval_every_steps=2)

@@ -19,7 +19,8 @@ transformers = pytest.importorskip(
     'transformers', reason='the HF parity test needs transformers (pip install .[test])')
 from transformers.models.vit_mae import modeling_vit_mae as hf_vit_mae  # noqa: E402
 
-from mae_jax import MaskedAutoencoder, convert, masking, sincos_2d  # noqa: E402
+from mae_jax import MaskedAutoencoder, convert, sincos_2d  # noqa: E402
+from mae_jax.model import masking  # noqa: E402
 
 BATCH = 3
 HF_CONFIG = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,

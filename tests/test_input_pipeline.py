@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mae_jax import data_sources
-from mae_jax import input_pipeline as ip
-from mae_jax import preprocess
+from mae_jax.data import pipeline as ip
+from mae_jax.data import preprocess
+from mae_jax.data import sources
 
 MEAN = np.array(preprocess.IMAGENET_MEAN, np.float32)
 STD = np.array(preprocess.IMAGENET_STD, np.float32)
@@ -107,7 +107,7 @@ def test_imagefolder_pretrain_labels_follow_files(folder):
 
 def test_embedded_photos_are_real_images():
   cfg = ip.default_dataset_config()
-  assert ip.num_classes(cfg) == len(data_sources.EMBEDDED_PHOTOS) >= 8
+  assert ip.num_classes(cfg) == len(sources.EMBEDDED_PHOTOS) >= 8
   assert ip.num_examples(cfg, 'train') == ip.num_classes(cfg)
   [batch] = _batches(cfg, n=1, global_batch_size=16, image_size=32)
   x = batch['image'] * STD + MEAN
@@ -189,7 +189,7 @@ def test_hosts_concatenate_to_the_single_host_batch(embedded_run):
 def test_eval_pads_last_batch_and_marks_valid():
   cfg = ip.default_dataset_config()
   n = ip.num_examples(cfg, 'test')
-  assert n == len(data_sources.EMBEDDED_PHOTOS) * cfg.embedded_eval_grid ** 2
+  assert n == len(sources.EMBEDDED_PHOTOS) * cfg.embedded_eval_grid ** 2
   batches = _batches(cfg, split='test', mode='eval', global_batch_size=32, image_size=8)
   assert len(batches) == -(-n // 32)
   valid = np.concatenate([b['valid'] for b in batches])

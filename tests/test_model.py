@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mae_jax import MaskedAutoencoder, mae_loss, patchify, random_masking, sincos_2d, unpatchify
-from mae_jax import presets
-from mae_jax.masking import num_kept
+from mae_jax.model import presets
+from mae_jax.model.masking import num_kept
 
 TINY = presets.model_config('tiny').to_dict()
 

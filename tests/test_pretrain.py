@@ -15,14 +15,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mae_jax import checkpoint
-from mae_jax import input_pipeline
-from mae_jax import optim
-from mae_jax import pretrain
-from mae_jax import visualize
-from mae_jax.mae import normalize_patches
-from mae_jax.patches import patchify
-from mae_jax.pretrain_config import pretrain_config
+from mae_jax.data import pipeline
+from mae_jax.io import checkpoint
+from mae_jax.io import visualize
+from mae_jax.jobs import optim
+from mae_jax.jobs import pretrain
+from mae_jax.jobs.recipes import pretrain_config
+from mae_jax.model.mae import normalize_patches
+from mae_jax.model.patches import patchify
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -275,7 +275,7 @@ def _step_setup(config):
   schedule = pretrain.create_schedule(config, steps_per_epoch=0)
   fns = pretrain.training_functions(model, pretrain.optimizer_args(config), schedule)
   state = pretrain.create_train_state(config, model, jax.random.PRNGKey(0), schedule)
-  stream = input_pipeline.create_dataset(
+  stream = pipeline.create_dataset(
       config.dataset, split='train', mode='pretrain', global_batch_size=config.batch_size,
       image_size=32, seed=0)
   return schedule, fns, state, stream

@@ -31,8 +31,8 @@ from mae_jax.convert.names import (LAYOUTS, POS_TABLES, ConversionError, Params,
 from mae_jax.convert.shapes import (KINDS, POS_TABLE_TOLERANCE, check_pos_table, check_shapes,
                                     checkpoint_kind, classifier_record, expected_shapes,
                                     infer_model_config)
-from mae_jax.patches import Size2D, grid_size
-from mae_jax.pos_embed import sincos_2d
+from mae_jax.model.patches import Size2D, grid_size
+from mae_jax.model.pos_embed import sincos_2d
 
 __all__ = ['ConversionError', 'Converted', 'from_state_dict', 'to_state_dict',
            'load_pytorch_checkpoint', 'export_pytorch_checkpoint', 'read_state_dict',

@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """The command line; returns the exit status (2 with a one-line message on bad input)."""
   # Imported here: orbax is not needed to use the converter's functions, and the package
   # imports this module.
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mae_jax.io import checkpoint  # pylint: disable=g-import-not-at-top
   from mae_jax import convert  # pylint: disable=g-import-not-at-top
   args = _parse_args(argv)
   try:

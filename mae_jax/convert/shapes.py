@@ -11,10 +11,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from mae_jax import presets
 from mae_jax.convert.names import POS_TABLES, TOKENS, ConversionError, Params, flatten, official_key
-from mae_jax.patches import Size2D, grid_size, to_2tuple
-from mae_jax.pos_embed import sincos_2d
+from mae_jax.model import presets
+from mae_jax.model.patches import Size2D, grid_size, to_2tuple
+from mae_jax.model.pos_embed import sincos_2d
 
 KINDS = ('pretrain', 'full', 'classifier')
 # Stored float32 sin-cos tables equal a fresh float32 table to a few ulp; a table of another
@@ -142,12 +142,12 @@ def expected_shapes(model_config: Mapping[str, Any], kind: str) -> Dict[str, Tup
   images = jnp.zeros((1, h, w, cfg.get('in_chans', 3)), jnp.float32)
   rng = jax.random.key(0)
   if kind == 'full':
-    from mae_jax.mae import MaskedAutoencoder  # pylint: disable=g-import-not-at-top
+    from mae_jax.model.mae import MaskedAutoencoder  # pylint: disable=g-import-not-at-top
     model = MaskedAutoencoder(**{k: v for k, v in cfg.items()
                                  if k in MaskedAutoencoder.__dataclass_fields__})
     shapes = jax.eval_shape(lambda: model.init({'params': rng, 'mask': rng}, images))['params']
   elif kind == 'pretrain':
-    from mae_jax.vit import Encoder  # pylint: disable=g-import-not-at-top
+    from mae_jax.model.vit import Encoder  # pylint: disable=g-import-not-at-top
     encoder = Encoder(img_size=cfg['img_size'], patch_size=cfg['patch_size'],
                       embed_dim=cfg['embed_dim'], depth=cfg['depth'], num_heads=cfg['num_heads'],
                       mlp_ratio=cfg['mlp_ratio'], layer_norm_eps=cfg['layer_norm_eps'])
@@ -193,7 +193,7 @@ def check_shapes(state_dict: Mapping[str, np.ndarray], model_config: Mapping[str
 
 def _classifier_shapes(cfg: Dict[str, Any], images: Any) -> Params:
   import jax  # pylint: disable=g-import-not-at-top
-  from mae_jax import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
+  from mae_jax.model import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
   head = cfg['classifier']
   model = classifier_lib.classifier_from_config(cfg, head['num_classes'],
                                                 global_pool=head['global_pool'])

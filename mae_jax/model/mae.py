@@ -14,10 +14,10 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mae_jax import masking as masking_lib
-from mae_jax.patches import Size2D, grid_size, patchify, to_2tuple
-from mae_jax.pos_embed import sincos_2d
-from mae_jax.vit import Block, Encoder, dense, layer_norm, token_init
+from mae_jax.model import masking as masking_lib
+from mae_jax.model.patches import Size2D, grid_size, patchify, to_2tuple
+from mae_jax.model.pos_embed import sincos_2d
+from mae_jax.model.vit import Block, Encoder, dense, layer_norm, token_init
 
 
 def _check_heads(width_field: str, width: int, heads_field: str, heads: int) -> None:

@@ -10,7 +10,7 @@ from typing import Tuple, Union
 
 import numpy as np
 
-from mae_jax.patches import to_2tuple
+from mae_jax.model.patches import to_2tuple
 
 
 def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:

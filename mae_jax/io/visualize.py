@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 import numpy as np
 from PIL import Image
 
-from mae_jax.patches import patchify, unpatchify
+from mae_jax.model.patches import patchify, unpatchify
 
 COLUMNS = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
 

@@ -21,8 +21,8 @@ from flax import traverse_util
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mae_jax import classifier as classifier_lib
-from mae_jax.patches import to_2tuple
+from mae_jax.model import classifier as classifier_lib
+from mae_jax.model.patches import to_2tuple
 
 AXIS = 'batch'
 Params = Dict[str, Any]

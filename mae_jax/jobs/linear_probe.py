@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mae_jax import downstream
-from mae_jax.downstream import AXIS, TrainState
+from mae_jax.jobs import classification
+from mae_jax.jobs.classification import AXIS, TrainState
 
 DATA_MODE = 'linear_probe'
 
@@ -48,7 +48,7 @@ def lars(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0,
 def create_train_state(model, params: Dict[str, Any], batch_stats: Dict[str, Any],
                        tx: optax.GradientTransformation) -> TrainState:
   """Head trained; encoder (and fc_norm if global pool) frozen, without optimizer state."""
-  trained, frozen = downstream.split_params(params, downstream.head_only)
+  trained, frozen = classification.split_params(params, classification.head_only)
   return TrainState.create(apply_fn=model.apply, params=trained, tx=tx, frozen=frozen,
                            batch_stats=batch_stats)
 
@@ -60,7 +60,7 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
   frozen = jax.lax.stop_gradient(state.frozen)
 
   def loss_fn(params):
-    variables = {'params': downstream.merge_params(params, frozen),
+    variables = {'params': classification.merge_params(params, frozen),
                  'batch_stats': state.batch_stats}
     logits, updates = state.apply_fn(variables, batch['image'], train=True,
                                      mutable=['batch_stats'])
@@ -71,7 +71,7 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
   grads = jax.lax.pmean(grads, AXIS)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = {'loss': loss,
-             'accuracy': jnp.mean(downstream.topk_correct(logits, batch['label'], 1))}
+             'accuracy': jnp.mean(classification.topk_correct(logits, batch['label'], 1))}
   return state, jax.lax.pmean(metrics, AXIS)
 
 
@@ -84,11 +84,11 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Runs (or resumes) a linear probe in `workdir`; returns the final eval metrics."""
-  from mae_jax import downstream_train  # pylint: disable=g-import-not-at-top
+  from mae_jax.jobs import downstream  # pylint: disable=g-import-not-at-top
 
   def factory(model, params, batch_stats, schedule):
     return create_train_state(model, params, batch_stats, make_optimizer(config, schedule))
 
-  return downstream_train.train_and_evaluate(
+  return downstream.train_and_evaluate(
       config, workdir, data_mode=DATA_MODE, create_train_state=factory,
       train_step=lambda num_classes: train_step)

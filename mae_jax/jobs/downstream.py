@@ -24,8 +24,13 @@ from absl import logging
 from etils import epath
 from flax import jax_utils, traverse_util
 
-from mae_jax import checkpoint, downstream, input_pipeline, metrics_log, optim, pretrain
-from mae_jax.downstream import AXIS, TrainState
+from mae_jax.data import pipeline
+from mae_jax.io import checkpoint
+from mae_jax.io import metrics_log
+from mae_jax.jobs import classification
+from mae_jax.jobs import optim
+from mae_jax.jobs import pretrain
+from mae_jax.jobs.classification import AXIS, TrainState
 
 EVAL_ONLY_FILE = 'eval_only.jsonl'
 
@@ -54,19 +59,19 @@ def evaluate(p_eval_step, state: TrainState, batches: Iterator[Dict[str, np.ndar
     totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split is empty: check config.dataset.eval_split.')
-  return downstream.summarize_eval(totals)
+  return classification.summarize_eval(totals)
 
 
 def _eval_batches(config, image_size: int):
-  return input_pipeline.create_dataset(
+  return pipeline.create_dataset(
       config.dataset, split=config.dataset.eval_split, mode='eval',
       global_batch_size=config.eval_batch_size, image_size=image_size, seed=config.seed)
 
 
 def _save(manager, state: TrainState, record: Dict[str, Any], config) -> None:
-  state = downstream.unreplicate(state)
+  state = classification.unreplicate(state)
   checkpoint.save_train_checkpoint(
-      manager, int(state.step), downstream.merge_params(state.params, state.frozen),
+      manager, int(state.step), classification.merge_params(state.params, state.frozen),
       {'opt_state': state.opt_state, 'batch_stats': state.batch_stats}, record,
       config.to_dict())
 
@@ -74,7 +79,7 @@ def _save(manager, state: TrainState, record: Dict[str, Any], config) -> None:
 def _restore(manager, step: int, state: TrainState, make_state) -> TrainState:
   """Restores `step` into a state shaped like `state` (unreplicated)."""
   params, extra = checkpoint.restore_train_checkpoint(
-      manager, step, downstream.merge_params(state.params, state.frozen),
+      manager, step, classification.merge_params(state.params, state.frozen),
       {'opt_state': state.opt_state, 'batch_stats': state.batch_stats})
   restored = make_state(params, extra['batch_stats'])
   return restored.replace(opt_state=jax.tree_util.tree_map(jnp.asarray, extra['opt_state']),
@@ -89,21 +94,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   Args:
     config: a configs/linear_probe.py, finetune.py or partial_finetune.py config.
     workdir: where checkpoints, metrics.jsonl and TensorBoard events go.
-    data_mode: input_pipeline mode of the training split ('linear_probe' or 'finetune').
+    data_mode: data pipeline mode of the training split ('linear_probe' or 'finetune').
     create_train_state: (model, params, batch_stats, schedule) -> TrainState.
     train_step: num_classes -> pure step (state, batch, rng) -> (state, metrics).
   """
   metrics_log.quiet_library_logs()
   # 1. Everything that can be wrong (config, devices, checkpoints, data) fails here.
-  downstream.check_config(config)
+  classification.check_config(config)
   pretrain.local_batch_size(config.batch_size)
   pretrain.local_batch_size(config.eval_batch_size)
   ds = config.dataset
-  num_classes = int(config.get('num_classes') or input_pipeline.num_classes(ds))
-  model = downstream.build_classifier(config, num_classes)
-  record = downstream.model_record(config, num_classes)
+  num_classes = int(config.get('num_classes') or pipeline.num_classes(ds))
+  model = classification.build_classifier(config, num_classes)
+  record = classification.model_record(config, num_classes)
   image_size = pretrain.input_image_size(config)
-  steps_per_epoch = input_pipeline.num_examples(ds, ds.train_split) // config.batch_size
+  steps_per_epoch = pipeline.num_examples(ds, ds.train_split) // config.batch_size
   if steps_per_epoch == 0 and config.total_steps <= 0:
     raise ValueError(f'config.batch_size={config.batch_size} exceeds the training split; '
                      f'lower it or set config.total_steps.')
@@ -111,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   make_state = lambda params, batch_stats: create_train_state(model, params, batch_stats,
                                                               schedule)
   host_schedule = jax.jit(schedule)
-  p_eval_step = jax.pmap(downstream.eval_step, axis_name=AXIS)
+  p_eval_step = jax.pmap(classification.eval_step, axis_name=AXIS)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   if config.get('eval_only'):
     return evaluate_only(config, workdir, model, make_state, p_eval_step, init_rng)
@@ -119,7 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
 
   # 2. The classifier from the pretrained encoder, or the state to continue from.
   if latest is None:
-    params, batch_stats = downstream.init_params(model, config, init_rng, checkpoint.load_params)
+    params, batch_stats = classification.init_params(model, config, init_rng,
+                                                     checkpoint.load_params)
   else:
     params, batch_stats = _fresh_init(model, init_rng)
   state = make_state(params, batch_stats)
@@ -133,10 +139,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
                'epoch), global batch %d, peak lr %.3g, from step %d.', config.job, num_classes,
                _size(state.params), _size(state.frozen), total_steps, warmup, steps_per_epoch,
                config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size), start_step)
-  state = downstream.replicate(state)
+  state = classification.replicate(state)
   p_train_step = jax.pmap(train_step(num_classes), axis_name=AXIS, in_axes=(0, 0, None),
                           donate_argnums=(0,))
-  train_iter = input_pipeline.create_dataset(
+  train_iter = pipeline.create_dataset(
       ds, split=ds.train_split, mode=data_mode, global_batch_size=config.batch_size,
       image_size=image_size, seed=config.seed, start_step=start_step)
   batches = jax_utils.prefetch_to_device(map(shard, train_iter), config.prefetch_batches)
@@ -188,7 +194,7 @@ def _size(tree: Any) -> int:
 
 
 def _fresh_init(model, rng) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  variables = downstream.init_variables(model, rng)
+  variables = classification.init_variables(model, rng)
   return dict(variables['params']), dict(variables.get('batch_stats', {}))
 
 
@@ -210,13 +216,13 @@ def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng
     manager.close()
   else:
     loaded, _ = checkpoint.load_params(str(ckpt_dir))
-    loaded = _select_like(downstream.merge_params(template.params, template.frozen), loaded,
+    loaded = _select_like(classification.merge_params(template.params, template.frozen), loaded,
                           str(ckpt_dir))
     if template.batch_stats:
       raise ValueError(f'{ckpt_dir} holds params only, but the linear probe also needs its '
                        f'BatchNorm statistics: evaluate a linear-probe training workdir.')
     state = make_state(loaded, batch_stats).replace(step=0)
-  metrics = evaluate(p_eval_step, downstream.replicate(state),
+  metrics = evaluate(p_eval_step, classification.replicate(state),
                      _eval_batches(config, pretrain.input_image_size(config)))
   result = {'checkpoint': str(ckpt_dir), 'step': int(state.step),
             **{f'eval/{k}': v for k, v in metrics.items()}}

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mae_jax import downstream, layer_decay, optim
-from mae_jax.downstream import AXIS, TrainState
+from mae_jax.jobs import classification
+from mae_jax.jobs import layer_decay
+from mae_jax.jobs import optim
+from mae_jax.jobs.classification import AXIS, TrainState
 
 DATA_MODE = 'finetune'
 
@@ -39,13 +41,13 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
 
 def trained_predicate(config: ml_collections.ConfigDict) -> Callable[[Tuple[str, ...]], bool]:
   """Which params train: all (full fine-tuning) or the last `config.trainable_blocks`."""
-  return downstream.last_blocks_trained(int(config.model.depth),
+  return classification.last_blocks_trained(int(config.model.depth),
                                         config.get('trainable_blocks'))
 
 
 def create_train_state(model, params: Dict[str, Any], is_trained, tx_factory) -> TrainState:
   """Splits params into trained / frozen and builds the optimizer on the trained part only."""
-  trained, frozen = downstream.split_params(params, is_trained)
+  trained, frozen = classification.split_params(params, is_trained)
   return TrainState.create(apply_fn=model.apply, params=trained, tx=tx_factory(trained),
                            frozen=frozen, batch_stats={})
 
@@ -63,10 +65,10 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
   mix_rng, drop_rng = jax.random.split(rng)  # drop path: keyed per example below
   images, labels = batch['image'], batch['label']
   if mixup['mixup_alpha'] > 0 or mixup['cutmix_alpha'] > 0:
-    from mae_jax.mixup import mixup_cutmix  # pylint: disable=g-import-not-at-top
+    from mae_jax.data.mixup import mixup_cutmix  # pylint: disable=g-import-not-at-top
     group_size = mixup.get('group_size')
     images, targets = mixup_cutmix(
-        mix_rng if group_size else downstream.step_rng(mix_rng, batch), images, labels,
+        mix_rng if group_size else classification.step_rng(mix_rng, batch), images, labels,
         num_classes, mixup_alpha=mixup['mixup_alpha'], cutmix_alpha=mixup['cutmix_alpha'],
         switch_prob=mixup['switch_prob'], label_smoothing=label_smoothing,
         group_size=group_size, example_ids=batch['index'])
@@ -75,14 +77,14 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
   frozen = jax.lax.stop_gradient(state.frozen)
 
   def loss_fn(params):
-    logits = state.apply_fn({'params': downstream.merge_params(params, frozen)}, images,
+    logits = state.apply_fn({'params': classification.merge_params(params, frozen)}, images,
                             train=True, example_ids=batch['index'], rngs={'dropout': drop_rng})
-    return downstream.soft_cross_entropy(logits, targets), logits
+    return classification.soft_cross_entropy(logits, targets), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   state = state.apply_gradients(grads=grads)
-  metrics = {'loss': loss, 'accuracy': jnp.mean(downstream.topk_correct(logits, labels, 1))}
+  metrics = {'loss': loss, 'accuracy': jnp.mean(classification.topk_correct(logits, labels, 1))}
   return state, jax.lax.pmean(metrics, AXIS)
 
 
@@ -97,7 +99,7 @@ def bound_train_step(config: ml_collections.ConfigDict, num_classes: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Runs (or resumes) full or partial fine-tuning in `workdir`; returns the final eval."""
-  from mae_jax import downstream_train  # pylint: disable=g-import-not-at-top
+  from mae_jax.jobs import downstream  # pylint: disable=g-import-not-at-top
   is_trained = trained_predicate(config)
 
   def factory(model, params, batch_stats, schedule):
@@ -105,6 +107,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     return create_train_state(model, params, is_trained,
                               lambda trained: make_optimizer(config, schedule, trained))
 
-  return downstream_train.train_and_evaluate(
+  return downstream.train_and_evaluate(
       config, workdir, data_mode=DATA_MODE, create_train_state=factory,
       train_step=lambda num_classes: bound_train_step(config, num_classes))

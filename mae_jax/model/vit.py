@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import masking as masking_lib
-from mae_jax.patches import Size2D, grid_size, patchify
-from mae_jax.pos_embed import sincos_2d
+from mae_jax.model import masking as masking_lib
+from mae_jax.model.patches import Size2D, grid_size, patchify
+from mae_jax.model.pos_embed import sincos_2d
 
 Dtype = Any
 

@@ -22,14 +22,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from mae_jax import checkpoint
-from mae_jax import input_pipeline
-from mae_jax import metrics_log
-from mae_jax import optim
-from mae_jax import visualize
-from mae_jax.mae import MaskedAutoencoder
-from mae_jax.patches import to_2tuple
-from mae_jax.pretrain_config import CONFIG_FIELDS
+from mae_jax.data import pipeline
+from mae_jax.io import checkpoint
+from mae_jax.io import metrics_log
+from mae_jax.io import visualize
+from mae_jax.jobs import optim
+from mae_jax.jobs.recipes import CONFIG_FIELDS
+from mae_jax.model.mae import MaskedAutoencoder
+from mae_jax.model.patches import to_2tuple
 
 AXIS_NAME = 'batch'
 Batch = Dict[str, np.ndarray]
@@ -52,7 +52,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   missing = sorted(set(CONFIG_FIELDS) - set(config.keys()))
   if missing:
     raise ValueError(f'Config lacks field(s) {missing}; start the config from '
-                     f'mae_jax.pretrain_config.pretrain_config(model_name).')
+                     f'mae_jax.jobs.recipes.pretrain_config(model_name).')
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size must be positive, got {config.batch_size}.')
   if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
@@ -91,7 +91,7 @@ def create_model(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
     return MaskedAutoencoder(**config.model)
   except TypeError as e:
     raise ValueError(f'config.model does not fit MaskedAutoencoder: {e}. Start config.model '
-                     f'from mae_jax.presets.model_config(name).') from e
+                     f'from mae_jax.model.presets.model_config(name).') from e
 
 
 def schedule_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Tuple[int, int]:
@@ -317,8 +317,8 @@ def heldout_images(config: ml_collections.ConfigDict) -> np.ndarray:
   when the split is ordered (the embedded set's tiles come photo by photo).
   """
   ds, count = config.dataset, config.num_visualize
-  stride = max(1, min(input_pipeline.num_examples(ds, ds.eval_split) // count, 16))
-  batch = next(iter(input_pipeline.create_dataset(
+  stride = max(1, min(pipeline.num_examples(ds, ds.eval_split) // count, 16))
+  batch = next(iter(pipeline.create_dataset(
       ds, split=ds.eval_split, mode='eval',
       global_batch_size=count * stride * jax.process_count(), image_size=input_image_size(config),
       seed=config.seed)))
@@ -362,13 +362,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                            'mask': jax.random.PRNGKey(0)}, _dummy_images(model))
     init_params = load_init_params(config.init_from, abstract['params'])
   ds = config.dataset
-  steps_per_epoch = input_pipeline.num_examples(ds, ds.train_split) // config.batch_size
+  steps_per_epoch = pipeline.num_examples(ds, ds.train_split) // config.batch_size
   if steps_per_epoch == 0 and config.total_steps <= 0:
     raise ValueError(f'config.batch_size={config.batch_size} exceeds the training split; '
                      f'lower it or set config.total_steps.')
   schedule = create_schedule(config, steps_per_epoch)
   total_steps = schedule.total_steps
-  train_iter = input_pipeline.create_dataset(
+  train_iter = pipeline.create_dataset(
       ds, split=ds.train_split, mode='pretrain', global_batch_size=config.batch_size,
       image_size=input_image_size(config), seed=config.seed, start_step=start_step)
   is_main = jax.process_index() == 0

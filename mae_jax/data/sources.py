@@ -2,7 +2,7 @@
 
 A `Source` either has random access, `load(example_id) -> (raw, label)` as TF ops, or is read
 sequentially, `records() -> tf.data.Dataset` of `(raw, label)` in a fixed order. A raw image
-is encoded bytes (tf.string) or a decoded uint8 [H, W, 3] tensor (see mae_jax.preprocess).
+is encoded bytes (tf.string) or a decoded uint8 [H, W, 3] tensor (see mae_jax.data.preprocess).
 Problems with the data (missing directories, empty folders, unprepared TFDS datasets, unknown
 splits) raise here, before any image is read.
 """

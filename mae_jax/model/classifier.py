@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mae_jax.patches import Size2D, grid_size, to_2tuple
-from mae_jax.pos_embed import sincos_2d
-from mae_jax.vit import Encoder
+from mae_jax.model.patches import Size2D, grid_size, to_2tuple
+from mae_jax.model.pos_embed import sincos_2d
+from mae_jax.model.vit import Encoder
 
 Params = Dict[str, Any]
 

@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from mae_jax import data_sources
-from mae_jax import preprocess
+from mae_jax.data import preprocess
+from mae_jax.data import sources
 
 # The pipeline runs on the host CPU; TF must never grab accelerator memory that JAX needs.
 try:
@@ -81,7 +81,7 @@ def _resolve_config(dataset_cfg: Any) -> ml_collections.ConfigDict:
   unknown = sorted(set(given) - set(cfg))
   if unknown:
     raise ValueError(f'Unknown dataset config field(s) {unknown}; known fields: {sorted(cfg)} '
-                     '(see mae_jax.input_pipeline.default_dataset_config).')
+                     '(see mae_jax.data.pipeline.default_dataset_config).')
   for key, value in given.items():
     cfg[key] = value
   if cfg.source not in SOURCES:
@@ -95,12 +95,12 @@ def _resolve_config(dataset_cfg: Any) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- public metadata
 def num_examples(dataset_cfg: Any, split: str) -> int:
   """Number of examples in `split` (before any padding or repetition)."""
-  return data_sources.split_size(_resolve_config(dataset_cfg), split)
+  return sources.split_size(_resolve_config(dataset_cfg), split)
 
 
 def num_classes(dataset_cfg: Any) -> int:
   """Number of label classes (embedded: one per photo; ImageFolder: train split's class dirs)."""
-  return data_sources.class_count(_resolve_config(dataset_cfg))
+  return sources.class_count(_resolve_config(dataset_cfg))
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -121,7 +121,7 @@ def _host_positions(step: int, global_batch: int, host_batch: int, process_index
 
 def _augment_module():
   try:
-    from mae_jax import randaugment  # pylint: disable=g-import-not-at-top
+    from mae_jax.data import randaugment  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("mode='finetune' needs mae_jax/randaugment.py (rand_augment, random_erase), "
                       f'which failed to import ({e}); use mode=\'linear_probe\' meanwhile.') from e
@@ -175,7 +175,7 @@ def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int
   return tf.autograph.experimental.do_not_convert(element)
 
 
-def _sequential_records(source: data_sources.Source, *, train: bool, seed: int,
+def _sequential_records(source: sources.Source, *, train: bool, seed: int,
                         shuffle_buffer: int, start: int, padded_total: int) -> tf.data.Dataset:
   """(position, raw, label) from `start` on, for sources without random access."""
   n = source.num_examples
@@ -224,7 +224,7 @@ def _op_error_text(error: Exception) -> str:
   return re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$', '', text).strip()
 
 
-def _diagnose_fn(source: data_sources.Source, positions: Callable[[int], range], train: bool,
+def _diagnose_fn(source: sources.Source, positions: Callable[[int], range], train: bool,
                  seed: int):
   """Finds the unreadable example of a failed step by decoding its examples one by one."""
   def diagnose(step: int, error: Exception) -> Exception:
@@ -292,7 +292,7 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   host_batch = global_batch_size // process_count
   train = mode != 'eval'
   transform = _example_transform(cfg, mode, image_size, seed)
-  source = data_sources.open_source(cfg, split, image_size)
+  source = sources.open_source(cfg, split, image_size)
   n = source.num_examples
   num_steps = None if train else -(-n // global_batch_size)
   element = _element_fn(transform, source.load, n, image_size, train, seed)

@@ -1,0 +1,10 @@
+"""The networks, independent of data and jobs.
+
+    patches.py    patchify / unpatchify in the reference's pixel order
+    pos_embed.py  fixed 2-D sin-cos position tables
+    masking.py    per-example random-shuffle masking (`jax.random.permutation` + gather)
+    vit.py        ViT blocks and the `Encoder` every job shares
+    mae.py        `MaskedAutoencoder`: encoder on visible patches, decoder, masked-pixel loss
+    classifier.py the encoder with a head for the downstream protocols; position-table resizing
+    presets.py    ViT-B/L/H and the small sizes for CPUs
+"""
