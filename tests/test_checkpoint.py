@@ -97,3 +97,22 @@ def test_incompatible_model_config_refuses_workdir(tmp_path):
   assert 'model.norm_pix_loss: False -> True' in message
   assert '--workdir' in message
 
+
+def test_relative_paths_save_and_restore(tmp_path, monkeypatch):
+  """README's demo passes --workdir=runs/demo: orbax refuses relative paths while it saves."""
+  monkeypatch.chdir(tmp_path)
+  opt_state = {'mu': np.ones(3, np.float32), 'count': np.asarray(5, np.int32)}
+  manager = checkpoint.create_manager('runs/wd', max_to_keep=2, async_save=True)
+  checkpoint.save_train_checkpoint(manager, 3, _params(3), opt_state, MODEL)
+  manager.wait_until_finished()
+  manager.close()
+  assert checkpoint.check_workdir_compatible('runs/wd', MODEL) == 3
+  loaded, _ = checkpoint.load_params('runs/wd')
+  _assert_tree_equal(_params(3), loaded)
+  manager = checkpoint.create_manager('runs/wd', max_to_keep=2, async_save=True)
+  _, restored_opt = checkpoint.restore_train_checkpoint(manager, 3, _params(0), opt_state)
+  _assert_tree_equal(opt_state, restored_opt)
+  manager.close()
+  checkpoint.save_params('release', _params(4), MODEL)
+  _assert_tree_equal(_params(4), checkpoint.load_params('release')[0])
+  assert (tmp_path / 'runs' / 'wd' / 'checkpoints' / '3' / 'params').is_dir()

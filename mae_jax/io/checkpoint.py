@@ -15,6 +15,7 @@ resume a workdir (`check_workdir_compatible`), so an existing workdir is never
 overwritten by a run whose parameters would not match.
 """
 import json
+import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
@@ -34,6 +35,15 @@ PyTree = Any
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable, or does not fit the run that wants it."""
+
+
+def _path(path: Any) -> epath.Path:
+  """`path` as orbax needs it: local paths absolute (orbax refuses relative ones while it
+  saves), cloud paths (gs://...) as they are."""
+  text = os.fspath(path)
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def _json_normalise(tree: Any) -> Any:
@@ -60,7 +70,7 @@ def save_params(directory: str, params: PyTree, model_config: Optional[Mapping[s
     step: optional training step the params come from.
     config: optional full experiment config, kept for the record.
   """
-  directory = epath.Path(directory)
+  directory = _path(directory)
   if directory.exists():
     raise CheckpointError(f'{directory} already exists; save_params never overwrites. '
                           f'Choose a new directory or delete the old one first.')
@@ -97,7 +107,7 @@ def resolve_checkpoint(path: str) -> epath.Path:
   `path` may be a checkpoint directory itself, a pretraining workdir (its latest step)
   or a workdir's `checkpoints/` folder (its latest step).
   """
-  path = epath.Path(path)
+  path = _path(path)
   if not path.exists():
     raise CheckpointError(f'No checkpoint at {path}: the path does not exist. Pass a '
                           f'pretraining workdir, one of its checkpoints/<step> folders, or a '
@@ -176,7 +186,7 @@ def check_workdir_compatible(workdir: str, model_config: Mapping[str, Any],
   run never writes over checkpoints of another model. Differences elsewhere in the
   config (batch size, learning rate, ...) are allowed and logged as warnings.
   """
-  steps = _step_dirs(epath.Path(workdir) / CHECKPOINT_SUBDIR)
+  steps = _step_dirs(_path(workdir) / CHECKPOINT_SUBDIR)
   if not steps:
     return None
   step, latest = steps[-1]
@@ -207,7 +217,7 @@ def create_manager(workdir: str, max_to_keep: Optional[int] = 3,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_SUBDIR, options=options)
+  return ocp.CheckpointManager(_path(workdir) / CHECKPOINT_SUBDIR, options=options)
 
 
 def save_train_checkpoint(manager: ocp.CheckpointManager, step: int, params: PyTree,
