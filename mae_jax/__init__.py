@@ -26,6 +26,7 @@ _API = {  # public name -> the module that defines it
     'mae_loss': 'mae_jax.model.mae',
     'normalize_patches': 'mae_jax.model.mae',
     'Encoder': 'mae_jax.model.vit',
+    'features': 'mae_jax.model.features',
     'random_masking': 'mae_jax.model.masking',
     'patchify': 'mae_jax.model.patches',
     'unpatchify': 'mae_jax.model.patches',

@@ -7,4 +7,5 @@
     mae.py        `MaskedAutoencoder`: encoder on visible patches, decoder, masked-pixel loss
     classifier.py the encoder with a head for the downstream protocols; position-table resizing
     presets.py    ViT-B/L/H and the small sizes for CPUs
+    features.py   `features`: pooled encoder features of unmasked images, on all local devices
 """
