@@ -146,15 +146,6 @@ def read_jsonl(workdir):
   return [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-@pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
-  """configs/tiny.py run to the end, uninterrupted (6 steps on 8 devices)."""
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  config = load_config('tiny')
-  state = pretrain.train_and_evaluate(config, str(workdir))
-  return dict(config=config, workdir=workdir, state=state)
-
-
 def test_run_writes_checkpoints_logs_pictures_and_learns(tiny_run):
   workdir = tiny_run['workdir']
   assert int(tiny_run['state'].step[0]) == 6

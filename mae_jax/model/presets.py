@@ -13,6 +13,12 @@ MODELS = {
                   **PAPER_DECODER),
     'vit_h': dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                   **PAPER_DECODER),
+    # Past the paper, as the scaling work after MAE pretrains them (patch 14, MLP 4x): ViT-2B
+    # (MAE pre-pretraining, Singh et al. 2023) and ViT-6.5B; for config.parallelism='fsdp'.
+    'vit_2b': dict(img_size=224, patch_size=14, embed_dim=2560, depth=24, num_heads=32,
+                   **PAPER_DECODER),
+    'vit_6.5b': dict(img_size=224, patch_size=14, embed_dim=4096, depth=32, num_heads=32,
+                     **PAPER_DECODER),
     # A few hundred thousand parameters on 32x32 images: unit tests.
     'tiny': dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),
