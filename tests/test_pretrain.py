@@ -1,6 +1,5 @@
 """Pretraining job: recipe, schedule and weight decay vs the reference, the pmapped step,
 resume, refusal of incompatible workdirs, early errors, and the files a run leaves."""
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import mae_jax
 from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
 from mae_jax.io import visualize
@@ -28,10 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return mae_jax.load_config(REPO / 'configs' / f'{name}.py', lock=False)
 
 
 def tree_allclose(a, b, **kw):
