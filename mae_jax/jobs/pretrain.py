@@ -347,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Pretrains (or resumes) in `workdir`; returns the final state (replicated over local devices).
 
   Writes into `workdir`: checkpoints/<step>/ (params, optimiser state, config), metrics.jsonl,
-  TensorBoard events and reconstructions/step_*.png.
+  curves.png (at each checkpoint), TensorBoard events and reconstructions/step_*.png.
   """
   metrics_log.quiet_library_logs()
   # 1. Everything that can be wrong with the config, devices, workdir or data fails here.
@@ -404,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpoint.save_train_checkpoint(manager, step, unreplicate(state.params),
                                      unreplicate(state.opt_state), config.model.to_dict(),
                                      config.to_dict())
+    logger.write_curves()
 
   def picture(step):
     if visualizer is not None:
