@@ -172,9 +172,10 @@ def test_load_examples_equal_the_eval_stream_at_those_indices(folder):
 def test_spread_mixes_the_classes_of_a_sorted_folder_and_is_fixed_by_the_seed(tmp_path):
   rng = np.random.default_rng(3)
   for c in range(4):
-    os.makedirs(tmp_path / 'train' / f'class{c}')
+    class_dir = tmp_path / 'train' / f'class{c}'
+    os.makedirs(class_dir)
     for i in range(6):
-      Image.fromarray(_smooth_image(rng, 12, 12)).save(tmp_path / 'train' / f'class{c}' / f'{i}.png')
+      Image.fromarray(_smooth_image(rng, 12, 12)).save(class_dir / f'{i}.png')
   cfg = ml_cfg(source='imagefolder', data_dir=str(tmp_path), train_split='train')
   picks = ip.spread_examples(cfg, split='train', count=4, image_size=8, seed=0)
   assert picks['label'].tolist() == [0, 1, 2, 3]  # the first 4 would all be class 0
