@@ -344,18 +344,20 @@ _SPREAD_SALT = 0x737072  # separates the spread's seed from the permutation seed
 
 
 def spread_indices(num_examples: int, count: int, seed: int) -> np.ndarray:
-  """`count` sorted, distinct example indices spread over `[0, num_examples)`.
+  """`count` sorted, distinct example indices spread evenly over `[0, num_examples)`.
 
-  The range is cut into `count` equal stretches and one index is drawn from each, seeded
-  by `seed` alone: the same indices in every run and resume, and on a split sorted by
-  class (an ImageFolder) they come from classes all over it.
+  Index k is `floor((k + u) * num_examples / count)` with one offset `u` in [0, 1) drawn
+  from `seed` alone: the same indices in every run and resume, one in each of `count`
+  equal stretches, `num_examples / count` apart. On a split sorted by class (an
+  ImageFolder) with equal classes, at least `count` of them, every pick is from another
+  class (CIFAR-10's test split: 8 of its 10 classes).
   """
   if not 0 < count <= num_examples:
     raise ValueError(f'Cannot spread {count} examples over a split of {num_examples}: ask for '
                      f'between 1 and {num_examples}.')
-  edges = np.arange(count + 1, dtype=np.int64) * num_examples // count
-  rng = np.random.default_rng([seed, _SPREAD_SALT])
-  return rng.integers(edges[:-1], edges[1:])
+  u = np.random.default_rng([seed, _SPREAD_SALT]).random()
+  picks = np.floor((np.arange(count) + u) * (num_examples / count)).astype(np.int64)
+  return np.minimum(picks, num_examples - 1)
 
 
 def load_examples(dataset_cfg: Any, *, split: str, indices, image_size: int

@@ -313,9 +313,9 @@ class Visualizer:
 def heldout_images(config: ml_collections.ConfigDict) -> np.ndarray:
   """`num_visualize` fixed eval-split images (centre crops), spread over the whole split.
 
-  `pipeline.spread_examples` draws one image from each of `num_visualize` equal stretches
-  of the split, seeded by `config.seed`: the same images in every run and resume, from
-  classes all over a split sorted by class (an ImageFolder), and only those are decoded.
+  `pipeline.spread_examples` spaces them evenly over the split with an offset drawn from
+  `config.seed`: the same images in every run and resume, from classes all over a split
+  sorted by class (an ImageFolder), and only those are decoded.
   """
   ds = config.dataset
   return pipeline.spread_examples(ds, split=ds.eval_split, count=config.num_visualize,
