@@ -42,5 +42,5 @@ def test_every_config_file_loads():
   assert files
   for path in files:
     config = _load(str(path))
-    assert config.job in ('pretrain', 'linear_probe', 'finetune'), path.name
+    assert config.job in ('pretrain', 'linear_probe', 'finetune', 'extract_features'), path.name
     assert 'model' in config, path.name
