@@ -26,6 +26,7 @@ from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
 from mae_jax.io import metrics_log
 from mae_jax.io import visualize
+from mae_jax.jobs import knn_monitor
 from mae_jax.jobs import optim
 from mae_jax.jobs.recipes import CONFIG_FIELDS
 from mae_jax.model.mae import MaskedAutoencoder
@@ -61,6 +62,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for field in ('log_every_steps', 'checkpoint_every_steps', 'visualize_every_steps'):
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {config[field]}.')
+  knn_monitor.check_config(config.monitor)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -373,6 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       image_size=input_image_size(config), seed=config.seed, start_step=start_step)
   is_main = jax.process_index() == 0
   vis_images = heldout_images(config) if is_main and config.num_visualize > 0 else None
+  monitor = knn_monitor.KnnMonitor(config, total_steps)  # reads its images once (if on)
   logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
                'device(s) in %d process(es) (%d micro-batch(es) per step), from step %d.',
                total_steps, schedule.warmup_steps, steps_per_epoch, config.batch_size,
@@ -418,6 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                         axis_name=AXIS_NAME)
   if start_step == 0:
     picture(0)
+    monitor(0, state.params, logger)
   elif start_step >= total_steps:
     logging.info('Step %d of %d reached already: nothing to train.', start_step, total_steps)
   pending = []
@@ -440,6 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logger.restart_clock(step)  # compiled and run once: speed is measured from here
       if step % config.visualize_every_steps == 0 or step == total_steps:
         picture(step)
+      monitor(step, state.params, logger)
       if save_now:
         save(step)
       if preempted and step < total_steps:
