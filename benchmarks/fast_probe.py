@@ -2,7 +2,7 @@
 
     python -m mae_jax.main --config=configs/extract_features.py:cifar10 --workdir=OUT \
         --config.init_from=CKPT --config.dataset.data_dir=/tmp/cifar
-    python benchmarks/fast_probe.py --features OUT [--C 1.0] [--pools cls mean]
+    python benchmarks/fast_probe.py --features OUT [--C 1.0] [--pools cls mean] [--holdout 5]
 
 For each pool: features standardised with the train split's statistics, then
 `mae_jax.evaluators.logistic.fit` (L-BFGS through optax, float32) and scikit-learn's
@@ -26,12 +26,20 @@ def main():
   parser.add_argument('--C', type=float, default=1.0, help="scikit-learn's C (both fits)")
   parser.add_argument('--max_iter', type=int, default=1000)
   parser.add_argument('--pools', nargs='+', default=['cls', 'mean'])
+  parser.add_argument('--holdout', type=int, default=0,
+                      help='N > 0: one file only (--test), rows with index %% N == 0 held out '
+                           'as the test set, the rest to fit (a quick check on one split)')
   args = parser.parse_args()
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from mae_jax.evaluators import logistic  # pylint: disable=g-import-not-at-top
   from mae_jax.jobs.extract_features import features_file  # pylint: disable=g-import-not-at-top
-  train = np.load(os.path.join(args.features, features_file(args.train)))
-  test = np.load(os.path.join(args.features, features_file(args.test)))
+  test = dict(np.load(os.path.join(args.features, features_file(args.test))))
+  if args.holdout > 0:
+    held = test['index'] % args.holdout == 0
+    train = {k: v[~held] for k, v in test.items()}
+    test = {k: v[held] for k, v in test.items()}
+  else:
+    train = dict(np.load(os.path.join(args.features, features_file(args.train))))
   for pool in args.pools:
     mean, scale = logistic.standardizer(train[pool])
     xtr, xte = (train[pool] - mean) / scale, (test[pool] - mean) / scale

@@ -127,6 +127,10 @@ def test_bad_input_fails_before_any_work(pretrained, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='nowhere'):
     extract_features.train_and_evaluate(_config(str(tmp_path / 'nowhere')), str(tmp_path / 'a'))
   config = _config(path)
+  config.splits = 'test'
+  with pytest.raises(ValueError, match="splits='test'"):
+    extract_features.train_and_evaluate(config, str(tmp_path / 'a'))
+  config = _config(path)
   config.knn.pool = 'max'
   with pytest.raises(ValueError, match="pool='max'"):
     extract_features.train_and_evaluate(config, str(tmp_path / 'a'))
@@ -134,7 +138,8 @@ def test_bad_input_fails_before_any_work(pretrained, tmp_path):
 
 
 def test_random_init_baseline_uses_the_default_model(tmp_path):
-  config = _config(None, eval_split='')
+  config = _config(None)
+  config.splits = 'train'
   config.allow_random_init = True
   result = extract_features.train_and_evaluate(config, str(tmp_path / 'r'))
   with np.load(tmp_path / 'r' / 'features_train.npz') as f:

@@ -47,8 +47,9 @@ from mae_jax.model import classifier as classifier_lib
 from mae_jax.model import features as features_lib
 from mae_jax.model.patches import grid_size
 
-FIELDS = ('job', 'model', 'default_model', 'dataset', 'init_from', 'allow_random_init', 'seed',
-          'batch_size', 'knn', 'logreg', 'log_every_seconds')
+FIELDS = ('job', 'model', 'default_model', 'dataset', 'splits', 'init_from', 'allow_random_init',
+          'seed', 'batch_size', 'knn', 'logreg', 'log_every_seconds')
+ROLES = ('train', 'eval')
 SUMMARY_FILE = 'features.json'
 ORDER = ('row i is example i of the split (index == arange(N)): ImageFolder class directories '
          'sorted, files sorted within each; TFDS the split order; embedded photo by photo')
@@ -69,9 +70,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('No encoder to extract features with: set --config.init_from=<pretraining '
                      'workdir, checkpoint folder or converted release>, or '
                      '--config.allow_random_init=True for a random-init baseline.')
-  if not (config.dataset.train_split or config.dataset.eval_split):
-    raise ValueError('config.dataset.train_split and eval_split are both empty: name at '
-                     'least one split to extract.')
+  roles = [r.strip() for r in str(config.splits).split(',') if r.strip()]
+  if not roles or set(roles) - set(ROLES):
+    raise ValueError(f'config.splits={config.splits!r}: a comma-separated list of {ROLES} '
+                     f'(config.dataset.train_split, eval_split), e.g. --config.splits=eval.')
   if config.knn.pool not in features_lib.POOLS:
     raise ValueError(f'config.knn.pool={config.knn.pool!r}: choose from {features_lib.POOLS}.')
   if int(config.knn.k) < 1 or not float(config.knn.temperature) > 0:
@@ -215,7 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   check_config(config)
   config = architecture.resolve(config, config.get('init_from'))
   ds = config.dataset
-  splits = [s for s in (ds.train_split, ds.eval_split) if s]
+  roles = [r.strip() for r in str(config.splits).split(',')]
+  splits = list(dict.fromkeys(ds.train_split if r == 'train' else ds.eval_split
+                              for r in ROLES if r in roles))
   sizes = {s: pipeline.num_examples(ds, s) for s in splits}
   enc_params = load_encoder(config)
   step = (checkpoint.load_step(config.init_from) if config.get('init_from') else None) or 0
@@ -242,8 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   # 3. k-NN and the logistic-regression probe, when both splits have labels.
   metrics: Dict[str, float] = {}
-  train = extracted.get(ds.train_split) if ds.train_split else None
-  test = extracted.get(ds.eval_split) if ds.eval_split else None
+  train = extracted.get(ds.train_split)
+  test = extracted.get(ds.eval_split)
   if ds.train_split != ds.eval_split and _labelled(train) and _labelled(test):
     metrics = evaluate(train, test, config)
     logging.info('Step %d: %s', step, ', '.join(f'{k} {v:.2f}%' for k, v in metrics.items()))

@@ -341,9 +341,9 @@ def extract_features_config(dataset: str = 'demo') -> ml_collections.ConfigDict:
   config.job = 'extract_features'
   config.model = encoder_config()  # None: the checkpoint's architecture
   config.default_model = _default_model(size)  # allow_random_init without init_from
-  # Both splits are extracted (train_split / eval_split; '' skips one), each to
-  # <workdir>/features_<split>.npz.
+  # config.dataset.train_split and eval_split, each to <workdir>/features_<split>.npz.
   config.dataset = _dataset(size)
+  config.splits = 'train,eval'  # which of the two to extract ('eval': only the eval split)
   config.init_from = config_dict.placeholder(str)
   config.allow_random_init = False  # a randomly initialised encoder's features (baseline)
   config.seed = 0
