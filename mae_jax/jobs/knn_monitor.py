@@ -15,7 +15,7 @@ run's trajectory is the same with and without it. Every process computes the sam
 (on its local devices); process 0 writes them.
 """
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 import jax
@@ -66,8 +66,14 @@ def host_copy(replicated: Any) -> Any:
 class KnnMonitor:
   """Call once per step with the replicated params; evaluates on the monitor's steps."""
 
-  def __init__(self, config: ml_collections.ConfigDict, total_steps: int):
-    """Reads the monitor's images (nothing when it is off); errors name the fix."""
+  def __init__(self, config: ml_collections.ConfigDict, total_steps: int,
+               to_host: Callable[[Any], Any] = host_copy):
+    """Reads the monitor's images (nothing when it is off); errors name the fix.
+
+    `to_host` turns the params the loop holds into host arrays (`parallel.Layout.host_state`
+    for the job's layout; a pmap-replicated tree by default).
+    """
+    self.to_host = to_host
     check_config(config.monitor)
     self.every = int(config.monitor.every_steps)
     self.total_steps = total_steps
@@ -84,7 +90,7 @@ class KnnMonitor:
                                ('eval', self.dataset.eval_split, mon.num_eval_examples)):
       n = pipeline.num_examples(self.dataset, split)
       self.data[role] = pipeline.eval_examples(
-          self.dataset, split=split, indices=pipeline.spread_indices(n, count),
+          self.dataset, split=split, indices=pipeline.spread_indices(n, min(count, n), config.seed),
           image_size=size)
       if np.any(self.data[role]['label'] < 0):
         raise ValueError(f'The k-NN monitor needs labels; split {split!r} has none. Set '
@@ -136,7 +142,7 @@ class KnnMonitor:
     if not self.due(step):
       return None
     encoder = jax.block_until_ready(replicated_params['encoder'])  # queued steps finish first
-    result = self.evaluate({'encoder': host_copy(encoder)})
+    result = self.evaluate({'encoder': self.to_host(encoder)})
     logging.info('step %d: k-NN top-1 %.2f%% (%s; cls %.2f%%, mean %.2f%%) in %.1f s', step,
                  result['knn_top1'], self.pool, result['knn_top1_cls'],
                  result['knn_top1_mean'], result['knn_seconds'])
