@@ -349,6 +349,7 @@ def test_pretraining_starts_from_a_converted_encoder_only_release(tiny_run, tmp_
     pretrain.train_and_evaluate(config, str(tmp_path / 'other'))
 
 
+@pytest.mark.slow  # multi-process: `python -m pytest -m slow` (CI runs it)
 def test_two_processes_train_exactly_like_one(tiny_run, tmp_path):
   """A real multi-host run: two processes on localhost joined by jax.distributed (gloo)."""
   workdir = tmp_path / 'two_processes'
