@@ -19,14 +19,14 @@ random access.
 
 Unreadable images (`config.dataset.bad_images`): 'error' stops naming the file. 'skip' (random
 access only) replaces each unreadable training example by the first readable one among
-`MAX_REPLACEMENTS` candidates drawn from the seed and the stream position (so a resumed run
-sees the same replacement), and drops unreadable evaluation examples (`valid` False). The
-pipeline stays the plain one until the first failure; from that batch on each example is
-read through its candidates (`mae_jax.data.unreadable`).
+`unreadable.MAX_REPLACEMENTS` (8) candidates drawn from the seed and the stream position (so a
+resumed run sees the same replacement), and drops unreadable evaluation examples (`valid`
+False). Only the examples found unreadable so far take that slower path; until the first
+failure the pipeline is the plain one (`mae_jax.data.unreadable`).
 """
 import functools
 import re
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional
 
 import ml_collections
 import numpy as np
@@ -174,11 +174,16 @@ def _example_transform(cfg, mode: str, image_size: int, seed: int):
 
 
 def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int):
-  """Builds `(position[, raw, label]) -> example dict`; eval positions >= n are padding."""
-  def element(position, raw=None, label=None):
+  """Builds `(position[, raw, label]) -> example dict`; eval positions >= n are padding.
+
+  `example` (random access): read that example instead of the one at `position`.
+  """
+  def element(position, raw=None, label=None, example=None):
     def real():
       if load is None:
         r, l = raw, label
+      elif example is not None:
+        r, l = load(example)
       else:
         r, l = load(_example_id(position, n, seed) if train else tf.minimum(position, n - 1))
       return transform(r, position), tf.cast(l, tf.int32)
@@ -213,6 +218,42 @@ def _examples_tried(position: int, k: int, *, n: int, train: bool, seed: int) ->
     return [min(position, n - 1)]
   p = tf.constant(position, tf.int64)
   return [int(_candidate_id(p, tf.constant(j, tf.int64), n, seed)) for j in range(k)]
+
+
+def _flag_suspects(element, suspects: FrozenSet[int], stand_in: int, n: int, train: bool,
+                   seed: int):
+  """`element`, but where the position's example is in `suspects` it reads example
+  `stand_in` (a readable one) instead and flags the slot 'suspect' for `BatchIterator`,
+  which fills it. No branch: the other positions cost one table lookup more."""
+  keys = tf.constant(sorted(suspects), tf.int64)
+  table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+      keys, tf.ones_like(keys)), default_value=0)
+  stand_in = tf.constant(stand_in, tf.int64)
+
+  def flagged(position):
+    idx = _example_id(position, n, seed) if train else tf.minimum(position, n - 1)
+    suspect = table.lookup(idx) > 0
+    if not train:
+      suspect = suspect & (position < n)
+    example = element(position, example=tf.where(suspect, stand_in, idx))
+    return dict(example, suspect=suspect)
+
+  return tf.autograph.experimental.do_not_convert(flagged)
+
+
+def _resolver(transform, load, n: int, train: bool, seed: int, mean, std):
+  """(position, k) -> (normalised image, label) of candidate k at `position` (eval: the
+  example), as the pipeline makes them; raises tf.errors.OpError if it does not read."""
+  @tf.function(input_signature=[tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)])
+  def resolve(position, k):
+    idx = _candidate_id(position, k, n, seed) if train else tf.minimum(position, n - 1)
+    raw, label = load(idx)
+    image = transform(raw, position)
+    if image.dtype == tf.uint8:
+      image = preprocess.normalize(image[None], mean, std)[0]  # as `finalize` does a batch
+    return image, tf.cast(label, tf.int32)
+
+  return resolve
 
 
 def _sequential_records(source: sources.Source, *, train: bool, seed: int,
@@ -293,24 +334,21 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
       batch['image'] = preprocess.normalize(batch['image'], mean, std)
     return batch
 
-  def build(first_step: int, robust: bool) -> tf.data.Dataset:
-    """The batches from `first_step` on; `robust`: read examples via `_robust_elements`."""
+  def build(first_step: int, suspects: FrozenSet[int], stand_in: int) -> tf.data.Dataset:
+    """The batches from `first_step` on; positions whose example is in `suspects` hold
+    example `stand_in`, flagged 'suspect', which `unreadable.BatchIterator` replaces."""
     if source.load is not None:
       # Host-local index i -> global position of this host's slice of batch i // host_batch.
       stop = 2**62 if train else num_steps * host_batch
-      ds = tf.data.Dataset.range(first_step * host_batch,
-                                 max(stop, first_step * host_batch)).map(
+      positions = tf.data.Dataset.range(first_step * host_batch,
+                                        max(stop, first_step * host_batch)).map(
           lambda i: (i // host_batch) * global_batch_size + process_index * host_batch
           + i % host_batch)
-      if robust:
-        image_dtype = tf.float32 if mode == 'finetune' else tf.uint8
-        candidate = lambda position, k: _candidate_id(position, k, n, seed)
-        ds = ds.interleave(
-            unreadable.robust_elements(transform, source.load, candidate, n, image_size, train,
-                                       image_dtype),
-            block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      if suspects:
+        read = _flag_suspects(element, suspects, stand_in, n, train, seed)
       else:
-        ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
+        read = element
+      ds = positions.map(read, num_parallel_calls=tf.data.AUTOTUNE)
     else:
       ds = _sequential_records(source, train=train, seed=seed, shuffle_buffer=cfg.shuffle_buffer,
                                start=first_step * global_batch_size,
@@ -327,8 +365,11 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
 
   positions = functools.partial(_host_positions, global_batch=global_batch_size,
                                 host_batch=host_batch, process_index=process_index)
+  example_at = functools.partial(_example_at, n=n, train=train, seed=seed)
+  tried = functools.partial(_examples_tried, n=n, train=train, seed=seed)
+  tries = unreadable.MAX_REPLACEMENTS if train else 1
   return unreadable.BatchIterator(
-      build, unreadable.diagnose_fn(source, positions, functools.partial(
-          _example_at, n=n, train=train, seed=seed)),
-      start_step, skip, unreadable.bad_namer(source, functools.partial(
-          _examples_tried, n=n, train=train, seed=seed)))
+      build, unreadable.diagnose_fn(source, positions, example_at), start_step, skip,
+      find_suspects=unreadable.suspects_fn(source, positions, example_at, tried, tries),
+      resolve=_resolver(transform, source.load, n, train, seed, mean, std), tries=tries,
+      name_bad=unreadable.bad_namer(source, tried))

@@ -2,14 +2,17 @@
 
 `BatchIterator` turns a tf.data pipeline into NumPy batches. When a batch fails to decode
 it either re-raises the failure naming the file (`diagnose_fn` decodes the examples of that
-batch one by one), or, with bad_images='skip', rebuilds the pipeline from that batch on with
-`robust_elements`: each example is then read through a fixed list of candidates (the
-stream's own example first, then replacements drawn from the seed and the stream position),
-so a resumed run sees the same replacements as an uninterrupted one. Until the first failure
-the pipeline is the plain one, at its full speed.
+batch one by one), or, with bad_images='skip', adds the examples of that batch that do not
+decode to a set of suspects and rebuilds the pipeline from that batch on. The pipeline reads
+a stand-in where a suspect would be read, and `BatchIterator` fills the slot with the
+first of the position's candidates that reads (the stream's own example first, then
+replacements drawn from the seed and the position; for evaluation, the example or nothing).
+That outcome depends only on the position and the files, not on when a file was found bad,
+so a resumed run sees the same replacements as an uninterrupted one; every other position
+is read by the plain pipeline, at its full speed.
 """
 import re
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from absl import logging
 import numpy as np
@@ -23,65 +26,34 @@ from mae_jax.data import sources
 MAX_REPLACEMENTS = 8
 
 
-def robust_elements(transform, load, candidate: Callable, n: int, image_size: int, train: bool,
-                    image_dtype: tf.DType) -> Callable[[tf.Tensor], tf.data.Dataset]:
-  """`position -> Dataset` of one example dict that tolerates unreadable images.
-
-  Training: the first of candidates k = 0..MAX_REPLACEMENTS-1 (`candidate(position, k)`, an
-  example id; k = 0 is the stream's own example) that reads and transforms without error,
-  with 'replaced' = k, the number that failed before it (MAX_REPLACEMENTS: all failed, the
-  image is zeros and `BatchIterator` stops). Evaluation: the example, or on failure a
-  padding element (valid False) with 'replaced' = 1. Where nothing fails the example is
-  exactly the plain pipeline's.
-  """
-  tries = MAX_REPLACEMENTS if train else 1
-
-  def attempt(position, k):
-    def real():
-      raw, label = load(candidate(position, k) if train else tf.minimum(position, n - 1))
-      return transform(raw, position), tf.cast(label, tf.int32), tf.constant(True)
-
-    def failed():  # reached only after every try failed
-      return (tf.zeros([image_size, image_size, 3], image_dtype), tf.constant(-1, tf.int32),
-              tf.constant(False))
-
-    if train:
-      image, label, _ = tf.cond(k < tries, real, failed)
-      return {'image': image, 'label': label, 'index': position,
-              'replaced': tf.cast(k, tf.int32)}
-    image, label, valid = tf.cond((k < tries) & (position < n), real, failed)
-    return {'image': image, 'label': label, 'index': position, 'valid': valid,
-            'replaced': tf.cast((k > 0) & (position < n), tf.int32)}
-
-  def elements(position):
-    # Lazy: candidate k + 1 is read only when candidate k failed.
-    return (tf.data.Dataset.range(tries + 1).map(lambda k: attempt(position, k))
-            .ignore_errors().take(1))
-
-  return tf.autograph.experimental.do_not_convert(elements)
-
-
 class BatchIterator:
-  """NumPy batches of `build(start_step, robust)`; a decoding failure is re-raised naming the
-  example (file) that caused it, or, with `skip`, switches to the robust pipeline.
+  """NumPy batches of `build(start_step, suspects)`; a decoding failure is re-raised naming the
+  example (file) that caused it, or, with `skip`, adds `find_suspects(step)` and rebuilds.
 
-  The first batch is read at construction, so a bad file in it stops a run before its model
-  compiles. `bad_images` counts the unreadable examples replaced (training) or dropped
-  (evaluation) so far, as read (the pipeline runs a few batches ahead of training).
+  Slots flagged 'suspect' are filled by `resolve(position, k)` (the finalised image and
+  label of candidate k, or an OpError) with the first k that reads, of `tries`. The first
+  batch is read at construction, so a bad file in it stops a run before its model compiles.
+  `bad_images` counts the unreadable examples replaced (training) or dropped (evaluation)
+  so far, as read (the pipeline runs a few batches ahead of training).
   """
 
-  def __init__(self, build: Callable[[int, bool], tf.data.Dataset],
+  def __init__(self, build: Callable[[int, FrozenSet[int], int], tf.data.Dataset],
                diagnose: Callable[[int, Exception], Exception], step: int, skip: bool,
-               name_bad: Callable[[int, int], List[str]]):
+               find_suspects: Callable[[int], Tuple[List[int], List[int]]], resolve: Callable,
+               tries: int, name_bad: Callable[[int, int], List[str]]):
     self._build = build
     self._diagnose = diagnose
     self._step = step
     self._skip = skip
+    self._find_suspects = find_suspects
+    self._resolve = resolve
+    self._tries = tries
     self._name_bad = name_bad
-    self._robust = False
+    self._suspects: FrozenSet[int] = frozenset()
+    self._stand_in = 0  # a readable example, read (and then replaced) in suspects' slots
     self._named: Set[str] = set()
     self.bad_images = 0
-    self._iterator = build(step, False).as_numpy_iterator()
+    self._iterator = build(step, self._suspects, self._stand_in).as_numpy_iterator()
     try:
       self._first: Optional[Dict[str, np.ndarray]] = self._read()
     except StopIteration:
@@ -102,40 +74,78 @@ class BatchIterator:
         batch = next(self._iterator)
         break
       except tf.errors.OpError as e:
-        if not self._skip or self._robust:
+        new, readable = self._find_suspects(self._step) if self._skip else ([], [])
+        new = set(new) - self._suspects
+        if not new or not (readable or self._suspects):
+          # 'error', or a failure that reading around examples cannot fix
           raise self._diagnose(self._step, e) from e
+        if not self._suspects:
+          self._stand_in = readable[0]
         logging.warning("Batch %d holds an unreadable image (%s); config.dataset.bad_images="
-                        "'skip': reading each example through its replacements from here on.",
-                        self._step, op_error_text(e))
-        self._robust = True
-        self._iterator = self._build(self._step, True).as_numpy_iterator()
-    if 'replaced' in batch:
-      self._count(batch.pop('replaced'), batch['index'])
+                        "'skip': reading %d example(s) through their replacements from here "
+                        'on.', self._step, op_error_text(e), len(new))
+        self._suspects = self._suspects | new
+        self._iterator = self._build(self._step, self._suspects,
+                                     self._stand_in).as_numpy_iterator()
+    batch = self._complete(batch)
     self._step += 1
     return batch
 
-  def _count(self, replaced: np.ndarray, positions: np.ndarray) -> None:
-    for k, position in zip(replaced.tolist(), positions.tolist()):
-      if not k:
+  def _complete(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """`batch` with its suspect slots filled and the flags removed."""
+    if 'suspect' not in batch:
+      return batch
+    slots = np.flatnonzero(batch.pop('suspect'))
+    if slots.size:
+      batch = {k: v.copy() for k, v in batch.items()}
+      for slot in slots:
+        self._fill(batch, slot)
+    return batch
+
+  def _fill(self, batch: Dict[str, np.ndarray], slot: int) -> None:
+    position = int(batch['index'][slot])
+    for k in range(self._tries):
+      try:
+        image, label = self._resolve(tf.constant(position, tf.int64), tf.constant(k, tf.int64))
+      except tf.errors.OpError:
         continue
-      if k >= MAX_REPLACEMENTS:
-        names = self._name_bad(position, 3)
-        raise ValueError(
-            f'Stream position {position} (batch {self._step}): {k} examples in a row are '
-            f'unreadable ({"; ".join(names)}; ...). The data looks broken, not just a few '
-            f'files: check config.dataset.data_dir and the files.')
-      self.bad_images += k
-      for name in self._name_bad(position, k):
-        if name not in self._named:
-          self._named.add(name)
-          logging.warning("Skipping %s (config.dataset.bad_images='skip'); %d unreadable "
-                          'example(s) replaced or dropped so far.', name, self.bad_images)
+      batch['image'][slot], batch['label'][slot] = image.numpy(), label.numpy()
+      if 'valid' in batch:
+        batch['valid'][slot] = True
+      self._count(position, k)
+      return
+    if 'valid' in batch:  # evaluation: the example is dropped
+      batch['valid'][slot], batch['label'][slot] = False, -1
+      self._count(position, 1)
+      return
+    raise broken_data_error(position, self._step, self._tries, self._name_bad(position, 3))
+
+  def _count(self, position: int, k: int) -> None:
+    if not k:
+      return
+    self.bad_images += k
+    for name in self._name_bad(position, k):
+      if name not in self._named:
+        self._named.add(name)
+        logging.warning("Skipping %s (config.dataset.bad_images='skip'); %d unreadable "
+                        'example(s) replaced or dropped so far.', name, self.bad_images)
+
+
+def broken_data_error(position: int, step: int, tries: int, names: List[str]) -> ValueError:
+  """The error of a stream position none of whose `tries` candidates reads."""
+  return ValueError(
+      f'Stream position {position} (batch {step}): {tries} examples in a row are unreadable '
+      f'({"; ".join(names)}; ...). The data looks broken, not just a few files: check '
+      'config.dataset.data_dir and the files.')
 
 
 def op_error_text(error: Exception) -> str:
   """First line of a TF error without the TF-internal function and op names."""
   text = str(getattr(error, 'message', error)).strip().splitlines()[0]
-  return re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$', '', text).strip().rstrip('.')
+  text = re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$', '', text)
+  text = re.sub(r'^Error in user-defined function passed to \S+ transformation with iterator: '
+                r'\S+: ', '', text)
+  return text.strip().rstrip('.')
 
 
 def _load_error(source: sources.Source, idx: int) -> Optional[str]:
@@ -149,6 +159,17 @@ def _load_error(source: sources.Source, idx: int) -> Optional[str]:
   return None
 
 
+def _batch_examples(positions: Callable[[int], range],
+                    example_of: Callable[[int], Optional[int]], step: int) -> List[int]:
+  ids = []
+  for position in positions(step):
+    idx = example_of(position)
+    if idx is None:  # evaluation padding
+      break
+    ids.append(idx)
+  return ids
+
+
 def diagnose_fn(source: sources.Source, positions: Callable[[int], range],
                 example_of: Callable[[int], Optional[int]]):
   """Finds the unreadable example of a failed step by decoding its examples one by one.
@@ -157,10 +178,7 @@ def diagnose_fn(source: sources.Source, positions: Callable[[int], range],
   """
   def diagnose(step: int, error: Exception) -> Exception:
     if source.load is not None:
-      for position in positions(step):
-        idx = example_of(position)
-        if idx is None:
-          break
+      for idx in _batch_examples(positions, example_of, step):
         reason = _load_error(source, idx)
         if reason is not None:
           return ValueError(
@@ -173,6 +191,34 @@ def diagnose_fn(source: sources.Source, positions: Callable[[int], range],
                         '(re-prepare a TFDS dataset with `tfds build`).')
 
   return diagnose
+
+
+def suspects_fn(source: sources.Source, positions: Callable[[int], range],
+                example_of: Callable[[int], Optional[int]],
+                tried: Callable[[int, int], List[int]], tries: int
+                ) -> Callable[[int], Tuple[List[int], List[int]]]:
+  """step -> (suspects, readable) of that batch: the examples that do not decode whole, or,
+  if every one does (a crop window failed), all of them (reading a good example through its
+  candidates gives that example, so suspecting too many costs speed only); and examples
+  that decode (of the batch, else of its positions' candidates `tried(position, tries)`).
+
+  Raises:
+    ValueError: when no example of the batch nor any candidate of its first position reads.
+  """
+  def find_suspects(step: int) -> Tuple[List[int], List[int]]:
+    ids = _batch_examples(positions, example_of, step)
+    bad = [i for i in ids if _load_error(source, i) is not None]
+    readable = [i for i in ids if i not in bad]
+    if not readable and ids:
+      first = positions(step)[0]
+      readable = [i for i in tried(first, tries)[1:] if _load_error(source, i) is None][:1]
+      if not readable:
+        names = [f'{source.example_name(i)} of {source.describe} ({_load_error(source, i)})'
+                 for i in tried(first, tries)[:3]]
+        raise broken_data_error(first, step, tries, names)
+    return (bad or ids), readable
+
+  return find_suspects
 
 
 def bad_namer(source: sources.Source, tried: Callable[[int, int], List[int]]
