@@ -8,7 +8,10 @@
 # `python -m mae_jax.main --multihost` everywhere (jax.distributed finds the pod by itself).
 # WORKDIR must be on GCS so that all hosts see the same checkpoints; rerunning the same
 # command resumes from the latest one. Run it inside tmux/screen: closing the ssh session
-# stops the job (it restarts from the last checkpoint). PYTHON names the hosts' interpreter
+# stops the job (it restarts from the last checkpoint). Parallelism: the default pmap
+# (replicated state) fits ViT-B/L/H on v3/v4/v5 chips; for ViT-2B and larger, or to trade
+# state memory for batch, add --config.parallelism=fsdp (README: Scaling). A run resumes in
+# any mode and on any slice size. PYTHON names the hosts' interpreter
 # (default python3, which TPU VM images have; `python` may be missing there).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"

@@ -27,6 +27,7 @@ _API = {  # public name -> the module that defines it
     'normalize_patches': 'mae_jax.model.mae',
     'Encoder': 'mae_jax.model.vit',
     'features': 'mae_jax.model.features',
+    'load_config': 'mae_jax.jobs.config_file',
     'random_masking': 'mae_jax.model.masking',
     'patchify': 'mae_jax.model.patches',
     'unpatchify': 'mae_jax.model.patches',

@@ -68,6 +68,23 @@ def _to_numpy(tree: PyTree) -> PyTree:
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def _for_orbax(tree: PyTree) -> PyTree:
+  """Arrays spread over several devices (a jit run's global arrays) go to orbax as they are,
+  so each process writes only its own shards; everything else is copied to host NumPy
+  first (training then goes on while the files are written)."""
+  def convert(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+      return x
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(convert, tree)
+
+
+def _restore_template(tree: PyTree) -> PyTree:
+  """Abstract arrays with a sharding restore onto it; anything else restores as NumPy."""
+  return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x),
+                      tree)
+
+
 def _composite_checkpointer() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
@@ -159,6 +176,17 @@ def _restore_item(checkpoint_dir: epath.Path, item: str, args: ocp.args.Checkpoi
   return restored[item]
 
 
+def _host_template(checkpoint_dir: epath.Path, item: str) -> Any:
+  """A NumPy target for `item` from its stored shapes and dtypes, so that arrays saved sharded
+  over another run's devices restore on this host whatever its devices (np.empty: no memory
+  is touched before orbax fills it). None when the item records no array metadata."""
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(checkpoint_dir / item)
+    return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
+  except Exception:  # pylint: disable=broad-except  (older layouts: restore without a target)
+    return None
+
+
 def read_meta(checkpoint_dir: epath.Path) -> Optional[Dict[str, Any]]:
   """The JSON `meta` item of a checkpoint directory, or None if it has none."""
   if not (checkpoint_dir / META_ITEM).exists():
@@ -175,7 +203,8 @@ def load_params(path: str) -> Tuple[PyTree, Optional[Dict[str, Any]]]:
   """
   checkpoint_dir = resolve_checkpoint(path)
   meta = read_meta(checkpoint_dir)
-  params = _restore_item(checkpoint_dir, PARAMS_ITEM, ocp.args.StandardRestore())
+  params = _restore_item(checkpoint_dir, PARAMS_ITEM,
+                         ocp.args.StandardRestore(_host_template(checkpoint_dir, PARAMS_ITEM)))
   model_config = None if meta is None else meta.get('model_config')
   return _to_numpy(params), model_config
 
@@ -260,21 +289,26 @@ def save_train_checkpoint(manager: ocp.CheckpointManager, step: int, params: PyT
                           config: Optional[Mapping[str, Any]] = None) -> None:
   """Saves params, optimizer state and meta for `step` (asynchronously if the manager is async).
 
-  Arrays are copied to host NumPy first, so training can go on while files are written.
+  Host and single-device arrays are copied to host NumPy first, so training can go on while
+  files are written; arrays sharded over devices are written shard by shard by orbax.
   """
   manager.save(step, args=ocp.args.Composite(**{
-      PARAMS_ITEM: ocp.args.StandardSave(_to_numpy(params)),
-      OPT_STATE_ITEM: ocp.args.StandardSave(_to_numpy(opt_state)),
+      PARAMS_ITEM: ocp.args.StandardSave(_for_orbax(params)),
+      OPT_STATE_ITEM: ocp.args.StandardSave(_for_orbax(opt_state)),
       META_ITEM: ocp.args.JsonSave(_meta(model_config, step, config))}))
 
 
 def restore_train_checkpoint(manager: ocp.CheckpointManager, step: int, params: PyTree,
                              opt_state: PyTree) -> Tuple[PyTree, PyTree]:
-  """Restores `(params, opt_state)` of `step`, shaped like the given templates (NumPy arrays)."""
+  """Restores `(params, opt_state)` of `step`, shaped like the given templates.
+
+  Array templates give NumPy arrays; `jax.ShapeDtypeStruct`s with a sharding give arrays laid
+  out on it, whatever the layout (device count, parallelism) of the run that saved them.
+  """
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**{
-        PARAMS_ITEM: ocp.args.StandardRestore(_to_numpy(params)),
-        OPT_STATE_ITEM: ocp.args.StandardRestore(_to_numpy(opt_state))}))
+        PARAMS_ITEM: ocp.args.StandardRestore(_restore_template(params)),
+        OPT_STATE_ITEM: ocp.args.StandardRestore(_restore_template(opt_state))}))
   except Exception as e:  # orbax raises many types for damaged or mismatched files
     raise CheckpointError(
         f'Cannot restore step {step} from {manager.directory} ({type(e).__name__}: {e}). The '
@@ -319,8 +353,8 @@ def restore_newest_train_checkpoint(workdir: str, params: PyTree, opt_state: PyT
     if reason is None:
       try:
         items = _composite_checkpointer().restore(step_dir, args=ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardRestore(_to_numpy(params)),
-            OPT_STATE_ITEM: ocp.args.StandardRestore(_to_numpy(opt_state)),
+            PARAMS_ITEM: ocp.args.StandardRestore(_restore_template(params)),
+            OPT_STATE_ITEM: ocp.args.StandardRestore(_restore_template(opt_state)),
             META_ITEM: ocp.args.JsonRestore()}))  # read too: load_params needs it later
         restored = (step, items[PARAMS_ITEM], items[OPT_STATE_ITEM])
         break

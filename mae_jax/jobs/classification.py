@@ -113,8 +113,10 @@ def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarra
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
-  """Per-device eval: sums over valid examples of loss, top-1 and top-5 hits, psum'd."""
+def eval_step(state: TrainState, batch: Mapping[str, jnp.ndarray],
+              axis_name: Optional[str] = AXIS) -> Dict[str, jnp.ndarray]:
+  """Sums over valid examples of loss, top-1 and top-5 hits; psum'd over `axis_name` (pmap),
+  or over the global batch it sees (jit, `axis_name=None`)."""
   logits = state.apply_fn(state.variables(), batch['image'], train=False)
   labels = batch['label']
   valid = batch.get('valid', jnp.ones(labels.shape, bool))
@@ -124,7 +126,7 @@ def eval_step(state: TrainState, batch: Mapping[str, jnp.ndarray]) -> Dict[str, 
   sums = {'loss': masked_sum(loss), 'top1': masked_sum(topk_correct(logits, labels, 1)),
           'top5': masked_sum(topk_correct(logits, labels, 5)),
           'count': jnp.sum(valid.astype(jnp.float32))}
-  return jax.lax.psum(sums, AXIS)
+  return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 def summarize_eval(totals: Mapping[str, float]) -> Dict[str, float]:
@@ -194,7 +196,7 @@ def build_classifier(config: ml_collections.ConfigDict, num_classes: int,
       config.model, num_classes, global_pool=bool(config.global_pool),
       drop_path_rate=0.0 if probe else float(config.drop_path_rate),
       probe_batch_norm=probe, head_init_std=float(config.head_init_std),
-      bn_axis_name=bn_axis_name)
+      bn_axis_name=bn_axis_name, remat=bool(config.get('remat', False)))
 
 
 def model_record(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:

@@ -2,9 +2,10 @@
 
 `train_and_evaluate(config, workdir, ...)` checks the config and the checkpoints
 first, initialises the classifier from `config.init_from` (or resumes the latest
-checkpoint in `workdir`), then runs the pmapped step, evaluates top-1/top-5 on the
+checkpoint in `workdir`), then runs the step (compiled as `config.parallelism` says, see
+parallel.py), evaluates top-1/top-5 on the
 eval split every `eval_every_steps` and at the end, saves orbax checkpoints and logs to
-TensorBoard and `metrics.jsonl` like pretraining. `config.eval_only=True` evaluates a
+TensorBoard, `metrics.jsonl` and `curves.png` (at each checkpoint) like pretraining. `config.eval_only=True` evaluates a
 checkpoint (`config.eval_from`, default the workdir's latest) and appends the result to
 `eval_only.jsonl`.
 
@@ -12,6 +13,7 @@ Checkpoints hold the WHOLE classifier under `params` (so `checkpoint.load_params
 downstream workdir gives a tree that `init_from` and `eval_from` accept) and, under
 `opt_state`, `{'opt_state': trained params' optimizer state, 'batch_stats': BN stats}`.
 """
+import functools
 import json
 import time
 from typing import Any, Callable, Dict, Iterator, Tuple
@@ -22,24 +24,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import jax_utils, traverse_util
+from flax import traverse_util
 
 from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
 from mae_jax.io import metrics_log
 from mae_jax.jobs import classification
 from mae_jax.jobs import optim
+from mae_jax.jobs import parallel
 from mae_jax.jobs import preemption
 from mae_jax.jobs import pretrain
-from mae_jax.jobs.classification import AXIS, TrainState
+from mae_jax.jobs.classification import TrainState
 
 EVAL_ONLY_FILE = 'eval_only.jsonl'
-
-
-def shard(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """Host batch (B, ...) -> (local_devices, B / local_devices, ...), every field kept."""
-  n = jax.local_device_count()
-  return jax.tree_util.tree_map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
 
 
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -50,13 +47,13 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
   return optim.warmup_cosine_schedule(peak, warmup, total, config.min_lr), total, warmup
 
 
-def evaluate(p_eval_step, state: TrainState, batches: Iterator[Dict[str, np.ndarray]]
-             ) -> Dict[str, float]:
+def evaluate(p_eval_step, state: TrainState, batches: Iterator[Dict[str, np.ndarray]],
+             layout: parallel.Layout) -> Dict[str, float]:
   """Top-1/top-5 (percent) and loss over one pass of the eval split (valid examples only)."""
   totals = None
   for batch in batches:
-    sums = jax.tree_util.tree_map(lambda x: np.asarray(x[0], np.float64),
-                                  p_eval_step(state, shard(batch)))
+    sums = jax.tree_util.tree_map(lambda x: np.float64(parallel.scalar(x)),
+                                  p_eval_step(state, layout.put_batch(batch)))
     totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split is empty: check config.dataset.eval_split.')
@@ -69,29 +66,34 @@ def _eval_batches(config, image_size: int):
       global_batch_size=config.eval_batch_size, image_size=image_size, seed=config.seed)
 
 
-def _save(manager, state: TrainState, record: Dict[str, Any], config) -> None:
-  state = classification.unreplicate(state)
+def _save(manager, step: int, state: TrainState, record: Dict[str, Any], config,
+          layout: parallel.Layout) -> None:
   checkpoint.save_train_checkpoint(
-      manager, int(state.step), classification.merge_params(state.params, state.frozen),
-      {'opt_state': state.opt_state, 'batch_stats': state.batch_stats}, record,
-      config.to_dict())
+      manager, step, layout.for_checkpoint(classification.merge_params(state.params,
+                                                                       state.frozen)),
+      layout.for_checkpoint({'opt_state': state.opt_state, 'batch_stats': state.batch_stats}),
+      record, config.to_dict())
 
 
-def _restore_newest(workdir: str, state: TrainState, make_state) -> TrainState:
-  """The newest step of `workdir` that restores, in a state shaped like `state` (unreplicated)."""
+def _restore_newest(workdir: str, state: TrainState, make_state,
+                    layout: parallel.Layout) -> TrainState:
+  """The newest step of `workdir` that restores, in a state shaped like `state` (not yet laid
+  out for the step); damaged newer steps are moved aside."""
   step, params, extra = checkpoint.restore_newest_train_checkpoint(
-      workdir, classification.merge_params(state.params, state.frozen),
-      {'opt_state': state.opt_state, 'batch_stats': state.batch_stats})
+      workdir, layout.restore_target(classification.merge_params(state.params, state.frozen)),
+      layout.restore_target({'opt_state': state.opt_state, 'batch_stats': state.batch_stats}))
   restored = make_state(params, extra['batch_stats'])
   return restored.replace(opt_state=jax.tree_util.tree_map(jnp.asarray, extra['opt_state']),
                           step=step)
 
 
-def _restore(manager, step: int, state: TrainState, make_state) -> TrainState:
-  """Restores `step` into a state shaped like `state` (unreplicated)."""
+def _restore(manager, step: int, state: TrainState, make_state,
+             layout: parallel.Layout) -> TrainState:
+  """Restores `step` into a state shaped like `state` (not yet laid out for the step)."""
   params, extra = checkpoint.restore_train_checkpoint(
-      manager, step, classification.merge_params(state.params, state.frozen),
-      {'opt_state': state.opt_state, 'batch_stats': state.batch_stats})
+      manager, step,
+      layout.restore_target(classification.merge_params(state.params, state.frozen)),
+      layout.restore_target({'opt_state': state.opt_state, 'batch_stats': state.batch_stats}))
   restored = make_state(params, extra['batch_stats'])
   return restored.replace(opt_state=jax.tree_util.tree_map(jnp.asarray, extra['opt_state']),
                           step=step)
@@ -107,16 +109,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     workdir: where checkpoints, metrics.jsonl and TensorBoard events go.
     data_mode: data pipeline mode of the training split ('linear_probe' or 'finetune').
     create_train_state: (model, params, batch_stats, schedule) -> TrainState.
-    train_step: num_classes -> pure step (state, batch, rng) -> (state, metrics).
+    train_step: (num_classes, parallel.Layout) -> pure step (state, batch, rng) ->
+      (state, metrics), averaging over the layout's axis.
   """
   metrics_log.quiet_library_logs()
   # 1. Everything that can be wrong (config, devices, checkpoints, data) fails here.
   classification.check_config(config)
+  layout = parallel.Layout(config.parallelism)
   pretrain.local_batch_size(config.batch_size)
   pretrain.local_batch_size(config.eval_batch_size)
   ds = config.dataset
   num_classes = int(config.get('num_classes') or pipeline.num_classes(ds))
-  model = classification.build_classifier(config, num_classes)
+  model = classification.build_classifier(config, num_classes, bn_axis_name=layout.axis_name)
   record = classification.model_record(config, num_classes)
   image_size = pretrain.input_image_size(config)
   steps_per_epoch = pipeline.num_examples(ds, ds.train_split) // config.batch_size
@@ -127,10 +131,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   make_state = lambda params, batch_stats: create_train_state(model, params, batch_stats,
                                                               schedule)
   host_schedule = jax.jit(schedule)
-  p_eval_step = jax.pmap(classification.eval_step, axis_name=AXIS)
+  p_eval_step = layout.compile_eval(functools.partial(classification.eval_step,
+                                                       axis_name=layout.axis_name))
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   if config.get('eval_only'):
-    return evaluate_only(config, workdir, model, make_state, p_eval_step, init_rng)
+    return evaluate_only(config, workdir, model, make_state, p_eval_step, init_rng, layout)
   latest = checkpoint.check_workdir_compatible(workdir, record, config.to_dict())
 
   def training_batches(start_step):  # reads its first batch now: a bad file there stops here
@@ -148,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     params, batch_stats = _fresh_init(model, init_rng)
   state = make_state(params, batch_stats)
   if latest is not None:  # the newest step that restores; damaged newer ones are moved aside
-    state = _restore_newest(workdir, state, make_state)
+    state = _restore_newest(workdir, state, make_state, layout)
     logging.info('Resumed from %s at step %d.', workdir, int(state.step))
   start_step = int(state.step)
   if start_step != (latest or 0):  # the newest checkpoint was damaged
@@ -159,10 +164,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
                'epoch), global batch %d, peak lr %.3g, from step %d.', config.job, num_classes,
                _size(state.params), _size(state.frozen), total_steps, warmup, steps_per_epoch,
                config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size), start_step)
-  state = classification.replicate(state)
-  p_train_step = jax.pmap(train_step(num_classes), axis_name=AXIS, in_axes=(0, 0, None),
-                          donate_argnums=(0,))
-  batches = jax_utils.prefetch_to_device(map(shard, train_iter), config.prefetch_batches)
+  p_train_step = layout.compile_step(train_step(num_classes, layout), state)
+  state = layout.put_state(state)
+  batches = layout.batches(train_iter, config.prefetch_batches)
   is_main = jax.process_index() == 0
   logger = metrics_log.TrainLogger(workdir, total_steps, start_step, config.batch_size, is_main)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else max(steps_per_epoch, 1)
@@ -183,20 +187,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
         if step % config.log_every_steps == 0 or save_now:  # never save a diverged state
           host_metrics = jax.device_get(pending)
           pending = []
-          pretrain.check_finite(host_metrics, step, manager.latest_step())
+          metrics_log.check_finite(host_metrics, step, manager.latest_step())
           summary = {f'train/{k}': float(np.mean(v)) for k, v in jax.tree_util.tree_map(
-              lambda *xs: np.stack([x[0] for x in xs]), *host_metrics).items()}
+              lambda *xs: np.stack([np.ravel(x)[0] for x in xs]), *host_metrics).items()}
           summary['train/lr'] = float(host_schedule(step - 1))
           if ds.get('bad_images') == 'skip':
             summary['train/bad_images_skipped'] = train_iter.bad_images
           logger.log_train(step, summary)
         if step % eval_every == 0 or step == total_steps:
-          result = evaluate(p_eval_step, state, _eval_batches(config, image_size))
+          result = evaluate(p_eval_step, state, _eval_batches(config, image_size), layout)
           logging.info('step %d: eval top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)', step,
                        result['top1'], result['top5'], result['loss'], int(result['count']))
           logger.log_scalars(step, {f'eval/{k}': v for k, v in result.items()})
         if save_now:
-          _save(manager, state, record, config)
+          _save(manager, step, state, record, config, layout)
+          logger.write_curves()
         if preempted:
           break
   finally:
@@ -204,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     manager.close()
     logger.close()
   if not result:  # resumed a finished run: report its accuracy
-    result = evaluate(p_eval_step, state, _eval_batches(config, image_size))
+    result = evaluate(p_eval_step, state, _eval_batches(config, image_size), layout)
   return result
 
 
@@ -217,8 +222,8 @@ def _fresh_init(model, rng) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   return dict(variables['params']), dict(variables.get('batch_stats', {}))
 
 
-def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng
-                  ) -> Dict[str, float]:
+def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng,
+                  layout: parallel.Layout) -> Dict[str, float]:
   """Evaluates the checkpoint at `config.eval_from` (default: `workdir`'s latest step).
 
   A training checkpoint restores params and BatchNorm statistics; a params-only
@@ -231,7 +236,7 @@ def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng
   if (ckpt_dir / checkpoint.OPT_STATE_ITEM).exists() and ckpt_dir.name.isdigit():
     step = int(ckpt_dir.name)
     manager = checkpoint.create_manager(str(ckpt_dir.parent.parent), None, False)
-    state = _restore(manager, step, template, make_state)
+    state = _restore(manager, step, template, make_state, layout)
     manager.close()
   else:
     loaded, _ = checkpoint.load_params(str(ckpt_dir))
@@ -241,8 +246,8 @@ def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng
       raise ValueError(f'{ckpt_dir} holds params only, but the linear probe also needs its '
                        f'BatchNorm statistics: evaluate a linear-probe training workdir.')
     state = make_state(loaded, batch_stats).replace(step=0)
-  metrics = evaluate(p_eval_step, classification.replicate(state),
-                     _eval_batches(config, pretrain.input_image_size(config)))
+  metrics = evaluate(p_eval_step, layout.put_state(state),
+                     _eval_batches(config, pretrain.input_image_size(config)), layout)
   result = {'checkpoint': str(ckpt_dir), 'step': int(state.step),
             **{f'eval/{k}': v for k, v in metrics.items()}}
   logging.info('Eval-only %s: top-1 %.2f%%, top-5 %.2f%% on %d examples.', ckpt_dir,

@@ -8,7 +8,8 @@ gradient for it and the optimizer holds no state for it. LARS as MoCo v3 / MAE
 util/lars.py: momentum 0.9, trust coefficient 0.001, weight decay and trust ratio
 only for parameters with more than one dimension, base lr 0.1, wd 0, warmup then cosine.
 """
-from typing import Any, Dict, Mapping, Tuple
+import functools
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +54,12 @@ def create_train_state(model, params: Dict[str, Any], batch_stats: Dict[str, Any
                            batch_stats=batch_stats)
 
 
-def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.ndarray
-               ) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
-  """One LARS step on the head (pmapped over AXIS); cross entropy on integer labels."""
+def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.ndarray,
+               axis_name: Optional[str] = AXIS) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+  """One LARS step on the head; cross entropy on integer labels.
+
+  Pmapped, it averages over `axis_name`; jitted (`axis_name=None`) it sees the global batch.
+  """
   del rng  # no randomness: frozen encoder without drop path
   frozen = jax.lax.stop_gradient(state.frozen)
 
@@ -68,11 +72,12 @@ def train_step(state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jnp.nda
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = {'loss': loss,
              'accuracy': jnp.mean(classification.topk_correct(logits, batch['label'], 1))}
-  return state, jax.lax.pmean(metrics, AXIS)
+  if axis_name is not None:
+    grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return state, metrics
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
@@ -91,4 +96,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   return downstream.train_and_evaluate(
       config, workdir, data_mode=DATA_MODE, create_train_state=factory,
-      train_step=lambda num_classes: train_step)
+      train_step=lambda num_classes, layout: functools.partial(
+          train_step, axis_name=layout.axis_name))

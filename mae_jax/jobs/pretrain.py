@@ -1,8 +1,9 @@
 """MAE pretraining: the job behind `python -m mae_jax.main --config=configs/vit_b.py --workdir=...`.
 
-Read top to bottom: `create_train_state`, `train_step` (pure, pmapped over the local
-devices, gradients averaged with `lax.pmean`), `train_and_evaluate` (data, resume,
-loop, logs, pictures, checkpoints).
+Read top to bottom: `create_train_state`, `train_step` (pure; pmapped over the local
+devices with gradients averaged by `lax.pmean`, or jitted over a mesh of all devices as
+`config.parallelism` says, see parallel.py), `train_and_evaluate` (data, resume, loop,
+logs, pictures, checkpoints).
 
 Randomness: parameters are initialised from `split(PRNGKey(seed))[0]`; the masks of step
 `s` use `fold_in(train_key, s)` folded again with each example's global stream index, so
@@ -10,10 +11,9 @@ a run gives the same masks on any number of devices or hosts and a resumed run c
 exactly.
 """
 import functools
-from typing import Any, Callable, Dict, List, NamedTuple, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from absl import logging
-from flax import jax_utils
 from flax import traverse_util
 from flax.training import train_state
 import jax
@@ -25,14 +25,15 @@ import optax
 from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
 from mae_jax.io import metrics_log
-from mae_jax.io import visualize
 from mae_jax.jobs import optim
+from mae_jax.jobs import parallel
+from mae_jax.jobs import pictures
 from mae_jax.jobs import preemption
 from mae_jax.jobs.recipes import CONFIG_FIELDS
 from mae_jax.model.mae import MaskedAutoencoder
 from mae_jax.model.patches import to_2tuple
 
-AXIS_NAME = 'batch'
+AXIS_NAME = parallel.AXIS
 Batch = Dict[str, np.ndarray]
 
 
@@ -62,6 +63,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for field in ('log_every_steps', 'checkpoint_every_steps', 'visualize_every_steps'):
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {config[field]}.')
+  parallel.check_mode(config.parallelism)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -87,9 +89,9 @@ def check_accumulation(global_batch_size: int, accum_steps: int) -> None:
 
 
 def create_model(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
-  """`MaskedAutoencoder(**config.model)` with a clear error for unknown fields."""
+  """`MaskedAutoencoder(**config.model)` (with `config.remat`), a clear error for unknown fields."""
   try:
-    return MaskedAutoencoder(**config.model)
+    return MaskedAutoencoder(**config.model, remat=bool(config.get('remat', False)))
   except TypeError as e:
     raise ValueError(f'config.model does not fit MaskedAutoencoder: {e}. Start config.model '
                      f'from mae_jax.model.presets.model_config(name).') from e
@@ -137,8 +139,11 @@ class TrainingFunctions(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def training_functions(model: MaskedAutoencoder, opt_args: Tuple, schedule: optax.Schedule,
-                       accum_steps: int = 1) -> TrainingFunctions:
-  """Builds (once per process and setting) the optimiser and the jitted/pmapped functions.
+                       accum_steps: int = 1, mode: str = 'pmap') -> TrainingFunctions:
+  """Builds (once per process and setting) the optimiser and the compiled functions.
+
+  `p_train_step` is the step compiled for `parallel.Layout(mode)`; `init` and
+  `reconstruct` run on one device (pmap) or lay their outputs out for the mesh (jit).
 
   Cached because jax caches compilations per function object: a second
   `train_and_evaluate` with the same model, optimiser and schedule (a resumed run in a
@@ -149,11 +154,24 @@ def training_functions(model: MaskedAutoencoder, opt_args: Tuple, schedule: opta
                                        'mask': jax.random.PRNGKey(0)}, _dummy_images(model))
   tx = optim.adamw(schedule, shapes['params'], weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
                    no_decay_names=no_decay_names)
-  reconstruct = jax.jit(lambda params, images, rng: model.apply(
-      {'params': params}, images, rngs={'mask': rng}))
+  layout = parallel.Layout(mode)
+  apply = lambda params, images, rng: model.apply({'params': params}, images,
+                                                  rngs={'mask': rng})
+  if layout.is_pmap:
+    return TrainingFunctions(model=model, tx=tx, init=jax.jit(model.init),
+                             p_train_step=make_p_train_step(schedule, accum_steps=accum_steps),
+                             reconstruct=jax.jit(apply))
+  step = functools.partial(train_step, schedule=schedule, accum_steps=accum_steps,
+                           axis_name=None, num_shards=layout.num_shards)
+  abstract = jax.eval_shape(lambda: _state_from_params(shapes['params'], model, tx))
   return TrainingFunctions(model=model, tx=tx, init=jax.jit(model.init),
-                           p_train_step=make_p_train_step(schedule, accum_steps=accum_steps),
-                           reconstruct=reconstruct)
+                           p_train_step=layout.compile_step(step, abstract),
+                           reconstruct=jax.jit(apply, out_shardings=layout.replicated))
+
+
+def _state_from_params(params: Any, model: MaskedAutoencoder,
+                       tx: optax.GradientTransformation) -> TrainState:
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
 def _dummy_images(model: MaskedAutoencoder) -> jax.ShapeDtypeStruct:
@@ -163,11 +181,34 @@ def _dummy_images(model: MaskedAutoencoder) -> jax.ShapeDtypeStruct:
 
 def create_train_state(config: ml_collections.ConfigDict, model: MaskedAutoencoder,
                        rng: jax.Array, schedule: optax.Schedule) -> TrainState:
-  """Initialises parameters (on the default device) and the AdamW state (step 0)."""
-  fns = training_functions(model, optimizer_args(config), schedule)
-  dummy = jnp.zeros(_dummy_images(model).shape, jnp.float32)
-  params = fns.init({'params': rng, 'mask': rng}, dummy)['params']
-  return TrainState.create(apply_fn=fns.model.apply, params=params, tx=fns.tx)
+  """Initialises parameters and the AdamW state (step 0).
+
+  Under pmap on the default device; under jit laid out for the mesh as it is created (an
+  FSDP state never exists whole on one device).
+  """
+  fns = training_functions(model, optimizer_args(config), schedule, config.grad_accum_steps,
+                           config.parallelism)
+  dummy = jax.ShapeDtypeStruct(_dummy_images(model).shape, jnp.float32)
+
+  def init():
+    params = model.init({'params': rng, 'mask': rng}, jnp.zeros(dummy.shape, dummy.dtype))
+    return _state_from_params(params['params'], model, fns.tx)
+
+  layout = parallel.Layout(config.parallelism)
+  if layout.is_pmap:
+    params = fns.init({'params': rng, 'mask': rng}, jnp.zeros(dummy.shape, dummy.dtype))
+    return _state_from_params(params['params'], fns.model, fns.tx)
+  return jax.jit(init, out_shardings=layout.state_shardings(jax.eval_shape(init)))()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: MaskedAutoencoder,
+                         schedule: optax.Schedule) -> TrainState:
+  """The train state's shapes and dtypes (nothing allocated): for memory estimates."""
+  fns = training_functions(model, optimizer_args(config), schedule, config.grad_accum_steps,
+                           config.parallelism)
+  shapes = jax.eval_shape(model.init, {'params': jax.random.PRNGKey(0),
+                                       'mask': jax.random.PRNGKey(0)}, _dummy_images(model))
+  return jax.eval_shape(lambda p: _state_from_params(p, model, fns.tx), shapes['params'])
 
 
 def load_init_params(path: str, abstract_params: Any) -> Dict[str, np.ndarray]:
@@ -206,8 +247,12 @@ def with_init_params(params: Any, loaded: Dict[str, np.ndarray]) -> Any:
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, schedule: optax.Schedule,
-               accum_steps: int = 1) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One AdamW step on this device's shard; gradients and metrics averaged over all devices.
+               accum_steps: int = 1, axis_name: Optional[str] = AXIS_NAME,
+               num_shards: int = 1) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One AdamW step on the batch it sees; gradients and metrics averaged over all devices.
+
+  Under pmap it sees one device's shard and averages over `axis_name`; under jit
+  (`axis_name=None`) it sees the global batch, made of `num_shards` devices' shards.
 
   Args:
     state: the (replicated) train state.
@@ -217,6 +262,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, schedule: optax.
     schedule: the learning-rate schedule (bound before pmap), for logging.
     accum_steps: run the shard as this many sequential micro-batches (b divisible by it)
       and average their gradients: the same step with less activation memory.
+    axis_name: the pmap axis to average over; None under jit.
+    num_shards: device shards in `batch` (jit): each micro-batch takes its share of every
+      shard, so micro-batches stay spread over all devices.
   """
   mask_rng = jax.random.fold_in(rng, state.step)
 
@@ -229,8 +277,13 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, schedule: optax.
   if accum_steps == 1:
     loss, grads = grad_fn(state.params, batch)
   else:
-    micro_batches = jax.tree_util.tree_map(
-        lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+    def split(x):
+      if num_shards == 1:
+        return x.reshape((accum_steps, -1) + x.shape[1:])
+      x = x.reshape((num_shards, accum_steps, -1) + x.shape[1:]).swapaxes(0, 1)
+      return x.reshape((accum_steps, -1) + x.shape[3:])
+
+    micro_batches = jax.tree_util.tree_map(split, batch)
 
     def accumulate(total, micro):
       return jax.tree_util.tree_map(jnp.add, total, grad_fn(state.params, micro)), None
@@ -241,8 +294,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, schedule: optax.
     loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, total)
   # Every shard removes the same number of patches, so the mean of per-shard losses
   # (and gradients) is the loss (gradient) of the whole global batch.
-  grads = jax.lax.pmean(grads, AXIS_NAME)
-  loss = jax.lax.pmean(loss, AXIS_NAME)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    loss = jax.lax.pmean(loss, axis_name)
   metrics = {'loss': loss, 'lr': schedule(state.step), 'grad_norm': optax.global_norm(grads)}
   return state.apply_gradients(grads=grads), metrics
 
@@ -259,88 +313,33 @@ def make_p_train_step(schedule: optax.Schedule, devices=None, accum_steps: int =
                   devices=devices)
 
 
-def shard_batch(batch: Batch) -> Batch:
-  """Host batch -> (local_devices, per_device, ...), keeping what the step uses.
+def step_fields(batch: Batch) -> Batch:
+  """What the step uses of a host batch.
 
   Indices go in as int32: they key the mask together with the step, so only their
   uniqueness within a step matters (wrap-around beyond 2**31 is harmless).
   """
-  n = jax.local_device_count()
-  out = {'image': batch['image'], 'index': batch['index'].astype(np.int32)}
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), out)
+  return {'image': batch['image'], 'index': batch['index'].astype(np.int32)}
+
+
+def shard_batch(batch: Batch) -> Batch:
+  """Host batch -> (local_devices, per_device, ...) for the pmapped step."""
+  return parallel.Layout('pmap').put_batch(step_fields(batch))
 
 
 def summarize(step_metrics: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
-  """Per-step metrics (each replicated over devices) -> means over the steps; lr of the last."""
-  summary = {k: float(np.mean([m[k][0] for m in step_metrics])) for k in step_metrics[0]}
-  summary['lr'] = float(step_metrics[-1]['lr'][0])
+  """Per-step metrics (replicated over devices under pmap) -> means over the steps; lr of the
+  last."""
+  summary = {k: float(np.mean([np.ravel(m[k])[0] for m in step_metrics]))
+             for k in step_metrics[0]}
+  summary['lr'] = float(np.ravel(step_metrics[-1]['lr'])[0])
   return summary
 
 
-def check_finite(step_metrics: List[Dict[str, np.ndarray]], last_step: int,
-                 last_checkpoint: Any, keys: Tuple[str, ...] = ('loss', 'grad_norm')) -> None:
-  """Raises FloatingPointError naming the first step (of those ending at `last_step`) whose
-  loss or gradient norm is not finite, and the last checkpoint, which stays as it is."""
-  for i, metrics in enumerate(step_metrics):
-    bad = {k: float(np.asarray(metrics[k]).ravel()[0]) for k in keys
-           if k in metrics and not np.all(np.isfinite(metrics[k]))}
-    if bad:
-      step = last_step - len(step_metrics) + 1 + i
-      raise FloatingPointError(
-          f'Non-finite {bad} at step {step}; nothing after the last checkpoint (step '
-          f'{last_checkpoint}) was saved. Lower config.base_lr, or train in float32.')
-
-
 def unreplicate(tree: Any) -> Any:
-  """First device's copy of a replicated tree."""
+  """First device's copy of a tree replicated by pmap (see `parallel.Layout.host_state` for
+  every mode)."""
   return jax.tree.map(lambda x: x[0], tree)
-
-
-# ---------------------------------------------------------------------------------------
-# Reconstruction pictures from a fixed held-out batch.
-
-
-class Visualizer:
-  """Reconstructs a fixed held-out batch with a fixed mask and writes the paper's figure."""
-
-  def __init__(self, model: MaskedAutoencoder, config: ml_collections.ConfigDict,
-               images: np.ndarray, workdir: str, reconstruct: Callable):
-    self.model = model
-    self.config = config
-    self.images = jnp.asarray(images)
-    self.out_dir = f'{workdir}/reconstructions'
-    self.rng = jax.random.PRNGKey(config.seed + 1)
-    self._apply = reconstruct
-
-  def __call__(self, step: int, params: Any) -> Tuple[float, np.ndarray]:
-    """Writes reconstructions/step_XXXXXXX.png; returns (held-out loss, picture)."""
-    loss, pred, mask = self._apply(params, self.images, self.rng)
-    panels = visualize.reconstruction_panels(
-        self.images, pred, mask, self.model.patch_size, self.model.norm_pix_loss,
-        self.config.dataset.mean, self.config.dataset.std)
-    picture = visualize.grid_image(panels)
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-    visualize.save_png(f'{self.out_dir}/step_{step:07d}.png', picture)
-    return float(loss), picture
-
-
-def heldout_images(config: ml_collections.ConfigDict) -> np.ndarray:
-  """`num_visualize` fixed eval-split images (centre crops), spread over its first few hundred.
-
-  Taking every k-th image rather than the first few gives pictures of different scenes
-  when the split is ordered (the embedded set's tiles come photo by photo).
-  """
-  ds, count = config.dataset, config.num_visualize
-  stride = max(1, min(pipeline.num_examples(ds, ds.eval_split) // count, 16))
-  batch = next(iter(pipeline.create_dataset(
-      ds, split=ds.eval_split, mode='eval',
-      global_batch_size=count * stride * jax.process_count(), image_size=input_image_size(config),
-      seed=config.seed)))
-  images = batch['image']
-  if 'valid' in batch:  # the last eval batch is padded
-    images = images[np.asarray(batch['valid'], bool)]
-  return images[stride // 2::stride][:count]
 
 
 def input_image_size(config: ml_collections.ConfigDict) -> int:
@@ -359,10 +358,11 @@ def input_image_size(config: ml_collections.ConfigDict) -> int:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Pretrains (or resumes) in `workdir`; returns the final state (replicated over local devices).
+  """Pretrains (or resumes) in `workdir`; returns the final state, laid out as
+  `config.parallelism` runs it (replicated over the local devices under pmap).
 
   Writes into `workdir`: checkpoints/<step>/ (params, optimiser state, config), metrics.jsonl,
-  TensorBoard events and reconstructions/step_*.png.
+  curves.png (at each checkpoint), TensorBoard events and reconstructions/step_*.png.
   """
   metrics_log.quiet_library_logs()
   # 1. Everything that can be wrong with the config, devices, workdir or data fails here.
@@ -383,7 +383,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   schedule = create_schedule(config, steps_per_epoch)
   total_steps = schedule.total_steps
   is_main = jax.process_index() == 0
-  vis_images = heldout_images(config) if is_main and config.num_visualize > 0 else None
+  layout = parallel.Layout(config.parallelism)
+  # Under jit the reconstruction is a computation over the mesh that every process joins.
+  draws_pictures = (is_main or not layout.is_pmap) and config.num_visualize > 0
+  vis_images = (pictures.heldout_images(config, input_image_size(config))
+                if draws_pictures else None)
+  if vis_images is not None and not layout.is_pmap and jax.process_count() > 1:
+    # Every process reads its own slice of the split; all must reconstruct the same images.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    vis_images = np.asarray(multihost_utils.broadcast_one_to_all(vis_images))
 
   def training_batches(start_step):  # reads its first batch now: a bad file there stops here
     return pipeline.create_dataset(
@@ -395,12 +403,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # 2. Model, optimiser, and the state to continue from (the newest checkpoint that restores;
   # damaged newer ones are moved aside before the manager lists the steps).
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  fns = training_functions(model, optimizer_args(config), schedule, config.grad_accum_steps)
+  fns = training_functions(model, optimizer_args(config), schedule, config.grad_accum_steps,
+                           config.parallelism)
   state = create_train_state(config, model, init_rng, schedule)
   visualizer = (None if vis_images is None else
-                Visualizer(model, config, vis_images, workdir, fns.reconstruct))
+                pictures.Visualizer(model, config, vis_images, workdir, fns.reconstruct))
   restored = (None if latest is None else
-              checkpoint.restore_newest_train_checkpoint(workdir, state.params, state.opt_state))
+              checkpoint.restore_newest_train_checkpoint(
+                  workdir, layout.restore_target(state.params),
+                  layout.restore_target(state.opt_state)))
   if restored is not None:
     start_step, params, opt_state = restored
     state = state.replace(step=start_step, params=params, opt_state=opt_state)
@@ -416,30 +427,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints,
                                       config.async_checkpointing)
   logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
-               'device(s) in %d process(es) (%d micro-batch(es) per step), from step %d.',
+               'device(s) in %d process(es) (%s, %d micro-batch(es) per step), from step %d.',
                total_steps, schedule.warmup_steps, steps_per_epoch, config.batch_size,
-               jax.device_count(), jax.process_count(), config.grad_accum_steps, start_step)
-  # Replicated and batch arrays carry the pmap axis name in their sharding, like the step's
-  # outputs, so the step compiles once (a different mesh axis name would recompile it).
-  state = jax_utils.replicate(state, axis_name=AXIS_NAME)
+               jax.device_count(), jax.process_count(), config.parallelism,
+               config.grad_accum_steps, start_step)
+  state = layout.put_state(state)
   p_train_step = fns.p_train_step
 
   def save(step):
-    checkpoint.save_train_checkpoint(manager, step, unreplicate(state.params),
-                                     unreplicate(state.opt_state), config.model.to_dict(),
+    checkpoint.save_train_checkpoint(manager, step, layout.for_checkpoint(state.params),
+                                     layout.for_checkpoint(state.opt_state),
+                                     config.model.to_dict(),
                                      config.to_dict())
+    logger.write_curves()
 
   def picture(step):
     if visualizer is not None:
-      loss, image = visualizer(step, unreplicate(state.params))
+      loss, image = visualizer(step, unreplicate(state.params) if layout.is_pmap
+                               else state.params)
       logging.info('step %d: held-out reconstruction loss %.4f', step, loss)
       logger.log_scalars(step, {'heldout_loss': loss})
       logger.write_image(step, 'reconstruction', image)
 
   # 3. The loop. Metrics stay on device until a log step, so dispatch runs ahead.
   logger = metrics_log.TrainLogger(workdir, total_steps, start_step, config.batch_size, is_main)
-  batches = jax_utils.prefetch_to_device(map(shard_batch, train_iter), config.prefetch_batches,
-                                        axis_name=AXIS_NAME)
+  batches = layout.batches(map(step_fields, train_iter), config.prefetch_batches)
   if start_step == 0:
     picture(0)
   elif start_step >= total_steps:
@@ -456,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if first or step % config.log_every_steps == 0 or save_now:  # never save a diverged state
           host_metrics = jax.device_get(pending)
           pending = []
-          check_finite(host_metrics, step, manager.latest_step())
+          metrics_log.check_finite(host_metrics, step, manager.latest_step())
           summary = summarize(host_metrics)
           if ds.get('bad_images') == 'skip':
             summary['bad_images_skipped'] = train_iter.bad_images

@@ -27,7 +27,18 @@ CONFIG_FIELDS = (
     'num_epochs', 'warmup_epochs', 'total_steps', 'warmup_steps', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
     'visualize_every_steps', 'num_visualize', 'prefetch_batches', 'init_from',
-    'grad_accum_steps')
+    'grad_accum_steps', 'parallelism', 'remat')
+
+
+def _parallelism(config: ml_collections.ConfigDict) -> None:
+  # How the step runs on the devices (mae_jax/jobs/parallel.py): 'pmap' (replicated state,
+  # the default), 'data' (jit over a mesh of all devices, replicated state) or 'fsdp' (jit,
+  # params and optimizer state sharded over the devices: for models that do not fit
+  # replicated). Results are the same in every mode; a run resumes in any mode.
+  config.parallelism = 'pmap'
+  # Recompute each transformer block's activations in the backward pass: less activation
+  # memory for about a third more compute per step; same results.
+  config.remat = False
 
 
 def dataset_config(**overrides) -> ml_collections.ConfigDict:
@@ -62,6 +73,7 @@ def pretrain_config(model_name: str, num_epochs: int = 1600, norm_pix_loss: bool
   # gradients are averaged (the reference's accum_iter): less activation memory, the same
   # step (masks are keyed per example, so the result does not change).
   config.grad_accum_steps = 1
+  _parallelism(config)
   config.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256
   config.min_lr = 0.0
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -138,6 +150,7 @@ def _common(size: str, job: str) -> ml_collections.ConfigDict:
   config.eval_only = False
   config.eval_from = config_dict.placeholder(str)  # eval_only: default the workdir's latest
   config.seed = 0
+  _parallelism(config)
   config.total_steps = -1  # > 0 overrides num_epochs
   config.warmup_steps = -1  # >= 0 overrides warmup_epochs
   config.log_every_steps = 100

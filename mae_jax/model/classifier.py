@@ -79,6 +79,7 @@ class Classifier(nn.Module):
     probe_batch_norm: BatchNorm (no affine) before the head, the linear probe.
     head_init_std: trunc-normal std of the head kernel (2e-5 fine-tune, 0.01 probe).
     bn_axis_name: pmap axis over which the BatchNorm statistics are averaged.
+    remat: recompute each encoder block in the backward pass (less memory).
   """
   num_classes: int
   img_size: Size2D = 224
@@ -94,6 +95,7 @@ class Classifier(nn.Module):
   probe_batch_norm: bool = False
   head_init_std: float = 2e-5
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -112,7 +114,7 @@ class Classifier(nn.Module):
                       embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
                       mlp_ratio=self.mlp_ratio, layer_norm_eps=self.layer_norm_eps,
                       drop_path_rate=self.drop_path_rate, learn_pos_embed=True, dtype=dtype,
-                      name='encoder')
+                      remat=self.remat, name='encoder')
     x = encoder(images, deterministic=not train, final_norm=not self.global_pool,
                 example_ids=example_ids)
     if self.global_pool:
@@ -142,14 +144,16 @@ def trunc_normal_init(std: float):
 def classifier_from_config(model_cfg: Mapping[str, Any], num_classes: int, *,
                            global_pool: bool, drop_path_rate: float = 0.0,
                            probe_batch_norm: bool = False, head_init_std: float = 2e-5,
-                           bn_axis_name: Optional[str] = None) -> Classifier:
+                           bn_axis_name: Optional[str] = None, remat: bool = False
+                           ) -> Classifier:
   """Builds the classifier from a pretraining-style `config.model` (decoder fields ignored)."""
   kwargs = {k: model_cfg[k] for k in ENCODER_FIELDS if k in model_cfg}
   if isinstance(kwargs.get('img_size'), (list, tuple)):
     kwargs['img_size'] = tuple(kwargs['img_size'])
   return Classifier(num_classes=num_classes, drop_path_rate=drop_path_rate,
                     global_pool=global_pool, probe_batch_norm=probe_batch_norm,
-                    head_init_std=head_init_std, bn_axis_name=bn_axis_name, **kwargs)
+                    head_init_std=head_init_std, bn_axis_name=bn_axis_name, remat=remat,
+                    **kwargs)
 
 
 # --- Position-table interpolation ------------------------------------------------------------

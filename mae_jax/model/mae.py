@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from mae_jax.model import masking as masking_lib
 from mae_jax.model.patches import Size2D, grid_size, patchify, to_2tuple
 from mae_jax.model.pos_embed import sincos_2d
-from mae_jax.model.vit import Block, Encoder, dense, layer_norm, token_init
+from mae_jax.model.vit import Encoder, block_class, dense, layer_norm, token_init
 
 
 def _check_heads(width_field: str, width: int, heads_field: str, heads: int) -> None:
@@ -64,6 +64,7 @@ class Decoder(nn.Module):
   mlp_ratio: float = 4.0
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, latent: jnp.ndarray, ids_restore: Optional[jnp.ndarray]) -> jnp.ndarray:
@@ -82,9 +83,10 @@ class Decoder(nn.Module):
           axis=1)
       x = jnp.concatenate([x[:, :1], masking_lib.gather_tokens(tokens, ids_restore)], axis=1)
     x = x + jnp.asarray(sincos_2d(self.embed_dim, self.grid, cls_token=True)[None], x.dtype)
+    block = block_class(self.remat)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, 0.0, self.layer_norm_eps, self.dtype,
-                name=f'blocks_{i}')(x)
+      x = block(self.num_heads, self.mlp_ratio, 0.0, self.layer_norm_eps, self.dtype,
+                name=f'blocks_{i}')(x, True, None)  # positional: remat's static argument
     x = layer_norm(self.layer_norm_eps, self.dtype, 'norm')(x)
     x = dense(self.patch_size ** 2 * self.out_chans, self.dtype, 'pred')(x)
     return x[:, 1:].astype(jnp.float32)
@@ -97,7 +99,9 @@ class MaskedAutoencoder(nn.Module):
   depths and heads, `norm_pix_loss`, the default `mask_ratio`, and
   `mask_token_in_encoder` for the paper's slow baseline that feeds mask tokens through
   the encoder. `dtype` is the compute dtype ('float32' or 'bfloat16'); parameters stay
-  float32.
+  float32. `remat` recomputes every block's activations in the backward pass (less memory,
+  about one more forward of compute; same params and results): the jobs set it from
+  `config.remat`, outside `config.model`, since the params do not depend on it.
   """
   img_size: Size2D = 224
   patch_size: int = 16
@@ -114,6 +118,7 @@ class MaskedAutoencoder(nn.Module):
   mask_token_in_encoder: bool = False
   layer_norm_eps: float = 1e-6
   dtype: Any = 'float32'
+  remat: bool = False
 
   def __post_init__(self):
     if self.patch_size <= 0:
@@ -148,12 +153,12 @@ class MaskedAutoencoder(nn.Module):
         img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
         depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
         layer_norm_eps=self.layer_norm_eps, mask_token_in_encoder=self.mask_token_in_encoder,
-        dtype=dtype)
+        dtype=dtype, remat=self.remat)
     self.decoder = Decoder(
         grid=self.grid, patch_size=self.patch_size, out_chans=self.in_chans,
         embed_dim=self.decoder_embed_dim, depth=self.decoder_depth,
         num_heads=self.decoder_num_heads, mlp_ratio=self.mlp_ratio,
-        layer_norm_eps=self.layer_norm_eps, dtype=dtype)
+        layer_norm_eps=self.layer_norm_eps, dtype=dtype, remat=self.remat)
 
   def _check_images(self, images: jnp.ndarray) -> None:
     expected = to_2tuple(self.img_size) + (self.in_chans,)

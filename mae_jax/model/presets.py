@@ -7,12 +7,23 @@ takes; configs in `configs/` start from it and override what their experiment ch
 PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 MODELS = {
+    # ViT-Ti/16 and ViT-S/16 (DeiT's widths) with the paper's decoder: CPU-sized benchmarks.
+    'vit_ti': dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                   **PAPER_DECODER),
+    'vit_s': dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                  **PAPER_DECODER),
     'vit_b': dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                   **PAPER_DECODER),
     'vit_l': dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
                   **PAPER_DECODER),
     'vit_h': dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                   **PAPER_DECODER),
+    # Past the paper, as the scaling work after MAE pretrains them (patch 14, MLP 4x): ViT-2B
+    # (MAE pre-pretraining, Singh et al. 2023) and ViT-6.5B; for config.parallelism='fsdp'.
+    'vit_2b': dict(img_size=224, patch_size=14, embed_dim=2560, depth=24, num_heads=32,
+                   **PAPER_DECODER),
+    'vit_6.5b': dict(img_size=224, patch_size=14, embed_dim=4096, depth=32, num_heads=32,
+                     **PAPER_DECODER),
     # A few hundred thousand parameters on 32x32 images: unit tests.
     'tiny': dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),

@@ -112,6 +112,13 @@ class Block(nn.Module):
     return x
 
 
+def block_class(remat: bool):
+  """`Block`, or `Block` that stores only its input and recomputes the rest for the backward
+  pass (activation rematerialisation: memory for compute; the params and results are the
+  same). `deterministic` (argument 2, counting the module) stays a Python bool."""
+  return nn.remat(Block, static_argnums=(2,)) if remat else Block
+
+
 class PatchEmbed(nn.Module):
   """Linear embedding of non-overlapping p x p patches (the reference's stride-p conv).
 
@@ -150,6 +157,7 @@ class Encoder(nn.Module):
   learn_pos_embed: bool = False
   mask_token_in_encoder: bool = False
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -195,8 +203,9 @@ class Encoder(nn.Module):
     cls = (cls.astype(self.dtype) + pos[:, :1])
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
     dpr = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
+    block = block_class(self.remat)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, float(dpr[i]), self.layer_norm_eps,
+      x = block(self.num_heads, self.mlp_ratio, float(dpr[i]), self.layer_norm_eps,
                 self.dtype, name=f'blocks_{i}')(x, deterministic, example_ids)
     if final_norm:
       x = layer_norm(self.layer_norm_eps, self.dtype, 'norm')(x)
