@@ -70,57 +70,6 @@ def _truncate_params(step_dir):
     f.write_bytes(f.read_bytes()[:10])
 
 
-@pytest.fixture(scope='module')
-def preempted(tmp_path_factory, cache):
-  """An uninterrupted tiny run, one SIGTERMed after step 300, and the rerun of that one with
-  a truncated newer checkpoint (step 400, copied from the uninterrupted run) in its way."""
-  root = tmp_path_factory.mktemp('preempted')
-  work, ref = root / 'work', root / 'reference'
-  reference = _start(ref, root / 'reference.log', cache, *TINY_400)
-  assert reference.wait(timeout=600) == 0, (root / 'reference.log').read_text()[-3000:]
-  run = _start(work, root / 'work.log', cache, *TINY_400)
-  _wait_for(root / 'work.log', 'step 300/400', run)
-  sent = time.time()
-  run.send_signal(signal.SIGTERM)
-  status = run.wait(timeout=300)
-  out = dict(status=status, seconds=time.time() - sent, log=(root / 'work.log').read_text(),
-             steps_logged=_steps_logged(work), work=work, ref=ref,
-             steps_saved=sorted(int(p.name) for p in (work / 'checkpoints').iterdir()))
-  shutil.copytree(ref / 'checkpoints' / '400', work / 'checkpoints' / '400')
-  _truncate_params(work / 'checkpoints' / '400')
-  rerun = _start(work, root / 'rerun.log', cache, *TINY_400)
-  out.update(rerun_status=rerun.wait(timeout=600), rerun_log=(root / 'rerun.log').read_text())
-  return out
-
-
-def test_sigterm_saves_the_step_in_flight_and_exits_75(preempted):
-  assert preempted['status'] == preemption.EXIT_PREEMPTED, preempted['log'][-3000:]
-  assert preempted['seconds'] < 90
-  [step] = preempted['steps_saved']  # the only checkpoint: checkpoint_every_steps > the run
-  assert step >= max(preempted['steps_logged']) >= 300
-  assert preempted['steps_logged'][-1] == step  # the saved step is logged too
-  assert f'SIGTERM: saving step {step} and stopping' in preempted['log']
-  assert (f'Stopped early on SIGTERM with the checkpoint of step {step} saved'
-          in preempted['log'])
-
-
-def test_rerun_skips_a_truncated_newest_checkpoint_and_ends_like_an_uninterrupted_run(
-    preempted):
-  log, work = preempted['rerun_log'], preempted['work']
-  assert preempted['rerun_status'] == 0, log[-3000:]
-  [step] = preempted['steps_saved']
-  assert 'Checkpoint step 400' in log and 'cannot be restored' in log
-  assert f'Resumed from {work} at step {step}.' in log
-  [moved] = [p for p in (work / 'checkpoints').iterdir() if p.name.startswith('400.corrupt-')]
-  assert (moved / 'params' / 'manifest.ocdbt').exists()  # moved aside, not deleted
-  resumed, _ = checkpoint.load_params(str(work))
-  uninterrupted, _ = checkpoint.load_params(str(preempted['ref']))
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  steps = _steps_logged(work)
-  assert steps == sorted(set(steps)) and steps[-1] == 400 and step in steps
-
-
 # --- Unreadable and unusual images ---------------------------------------------------------
 
 
@@ -159,42 +108,89 @@ def bad_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def bad_folder_runs(bad_folder, tmp_path_factory, cache):
-  root = tmp_path_factory.mktemp('bad_folder_runs')
-  args = ('--config=configs/tiny.py', '--config.total_steps=4', '--config.num_visualize=0',
-          '--config.dataset.source=imagefolder', f'--config.dataset.data_dir={bad_folder}',
-          '--config.dataset.eval_split=train')
-  error = _start(root / 'error', root / 'error.log', cache, *args)
-  skip = _start(root / 'skip', root / 'skip.log', cache, *args, '--config.dataset.bad_images=skip')
-  return dict(error=(error.wait(timeout=600), (root / 'error.log').read_text()),
-              skip=(skip.wait(timeout=600), (root / 'skip.log').read_text()),
-              skip_workdir=root / 'skip', error_workdir=root / 'error')
+def preempted(tmp_path_factory, cache, bad_folder):
+  """Tiny runs on `bad_folder` with bad_images='skip': an uninterrupted one, one SIGTERMed
+  after step 300, and the rerun of that one with a truncated newer checkpoint (step 400,
+  copied from the uninterrupted run) in its way. Also a run with the default
+  bad_images='error', which stops at its first batch (run alongside the first)."""
+  root = tmp_path_factory.mktemp('preempted')
+  work, ref = root / 'work', root / 'reference'
+  folder = ('--config.dataset.source=imagefolder', f'--config.dataset.data_dir={bad_folder}',
+            '--config.dataset.eval_split=train')
+  args = TINY_400 + folder + ('--config.dataset.bad_images=skip',)
+  error = _start(root / 'error', root / 'error.log', cache, *TINY_400, *folder)
+  reference = _start(ref, root / 'reference.log', cache, *args)
+  out = dict(error_status=error.wait(timeout=600), error_log=(root / 'error.log').read_text(),
+             error_workdir=root / 'error')
+  assert reference.wait(timeout=600) == 0, (root / 'reference.log').read_text()[-3000:]
+  out.update(reference_log=(root / 'reference.log').read_text())
+  run = _start(work, root / 'work.log', cache, *args)
+  _wait_for(root / 'work.log', 'step 300/400', run)
+  sent = time.time()
+  run.send_signal(signal.SIGTERM)
+  status = run.wait(timeout=300)
+  out.update(status=status, seconds=time.time() - sent, log=(root / 'work.log').read_text(),
+             steps_logged=_steps_logged(work), work=work, ref=ref,
+             steps_saved=sorted(int(p.name) for p in (work / 'checkpoints').iterdir()))
+  shutil.copytree(ref / 'checkpoints' / '400', work / 'checkpoints' / '400')
+  _truncate_params(work / 'checkpoints' / '400')
+  rerun = _start(work, root / 'rerun.log', cache, *args)
+  out.update(rerun_status=rerun.wait(timeout=600), rerun_log=(root / 'rerun.log').read_text())
+  return out
 
 
-def test_unreadable_image_stops_by_default_naming_it_before_training(bad_folder_runs,
-                                                                     bad_folder):
-  status, log = bad_folder_runs['error']
+def test_sigterm_saves_the_step_in_flight_and_exits_75(preempted):
+  assert preempted['status'] == preemption.EXIT_PREEMPTED, preempted['log'][-3000:]
+  assert preempted['seconds'] < 90
+  [step] = preempted['steps_saved']  # the only checkpoint: checkpoint_every_steps > the run
+  assert step >= max(preempted['steps_logged']) >= 300
+  assert preempted['steps_logged'][-1] == step  # the saved step is logged too
+  assert f'SIGTERM: saving step {step} and stopping' in preempted['log']
+  assert (f'Stopped early on SIGTERM with the checkpoint of step {step} saved'
+          in preempted['log'])
+
+
+def test_rerun_skips_a_truncated_newest_checkpoint_and_ends_like_an_uninterrupted_run(
+    preempted):
+  log, work = preempted['rerun_log'], preempted['work']
+  assert preempted['rerun_status'] == 0, log[-3000:]
+  [step] = preempted['steps_saved']
+  assert 'Checkpoint step 400' in log and 'cannot be restored' in log
+  assert f'Resumed from {work} at step {step}.' in log
+  [moved] = [p for p in (work / 'checkpoints').iterdir() if p.name.startswith('400.corrupt-')]
+  assert (moved / 'params' / 'manifest.ocdbt').exists()  # moved aside, not deleted
+  resumed, _ = checkpoint.load_params(str(work))
+  uninterrupted, _ = checkpoint.load_params(str(preempted['ref']))
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  steps = _steps_logged(work)
+  assert steps == sorted(set(steps)) and steps[-1] == 400 and step in steps
+
+
+def test_unreadable_image_stops_by_default_naming_it_before_training(preempted, bad_folder):
+  status, log = preempted['error_status'], preempted['error_log']
   assert status == 1, log[-3000:]
   named = [f'{bad_folder}/train/{c}/{n}' for c in 'ab' for n in ('empty.jpg', 'truncated.jpg')]
   assert any(f"Cannot read image file '{path}'" in log for path in named), log[-3000:]
   assert "bad_images='skip'" in log  # the fix is named
   assert 'step 1/' not in log and 'Pretraining' not in log  # before the loop (and its compile)
-  assert not (bad_folder_runs['error_workdir'] / 'checkpoints').exists()
+  assert not (preempted['error_workdir'] / 'checkpoints').exists()
 
 
-def test_skip_replaces_unreadable_images_and_counts_them(bad_folder_runs):
-  status, log = bad_folder_runs['skip']
-  assert status == 0, log[-3000:]
+def test_skip_replaces_unreadable_images_and_counts_them(preempted):
+  """The uninterrupted run with bad_images='skip' (the preempted and resumed one ends with
+  its params: the replacements do not depend on where a run started)."""
+  log = preempted['reference_log']
   for name in ('empty.jpg', 'truncated.jpg'):
     assert f'Skipping image file ' in log and name in log
   for name in unusual_images(np.random.default_rng(0)):
     assert f'{name}\' of' not in log  # converted, never skipped
   import json  # pylint: disable=g-import-not-at-top
   records = [json.loads(l) for l in
-             (bad_folder_runs['skip_workdir'] / 'metrics.jsonl').read_text().splitlines()]
+             (preempted['ref'] / 'metrics.jsonl').read_text().splitlines()]
   last = [r for r in records if 'loss' in r][-1]
-  assert last['step'] == 4 and last['bad_images_skipped'] >= 2 and np.isfinite(last['loss'])
-  assert (bad_folder_runs['skip_workdir'] / 'checkpoints' / '4' / 'commit_success.txt').exists()
+  assert last['step'] == 400 and last['bad_images_skipped'] >= 2 and np.isfinite(last['loss'])
+  assert (preempted['ref'] / 'checkpoints' / '400' / 'commit_success.txt').exists()
 
 
 # --- The signal guard in-process -----------------------------------------------------------

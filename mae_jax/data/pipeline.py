@@ -19,8 +19,9 @@ random access.
 
 Unreadable images (`config.dataset.bad_images`): 'error' stops naming the file. 'skip' (random
 access only) replaces each unreadable training example by the first readable one among
-`unreadable.MAX_REPLACEMENTS` (8) candidates drawn from the seed and the stream position (so a
-resumed run sees the same replacement), and drops unreadable evaluation examples (`valid`
+`unreadable.MAX_REPLACEMENTS` (8) candidates, the examples that follow it in its epoch's
+permutation (fixed by the seed and the stream position, so a resumed run sees the same
+replacement), and drops unreadable evaluation examples (`valid`
 False). Only the examples found unreadable so far take that slower path; until the first
 failure the pipeline is the plain one (`mae_jax.data.unreadable`).
 """
@@ -46,7 +47,6 @@ MODES = ('pretrain', 'linear_probe', 'finetune', 'eval')
 TFDS_READ_MODES = ('auto', 'random_access', 'sequential')
 BAD_IMAGES = ('error', 'skip')
 _AUGMENT_SALT = 0x6d6165  # separates the augmentation seeds from the permutation seeds
-_REPLACEMENT_SALT = 0x736b6970  # seeds of the replacement candidates: seed + k * this
 
 
 def default_dataset_config() -> ml_collections.ConfigDict:
@@ -199,9 +199,11 @@ def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int
 
 
 def _candidate_id(position: tf.Tensor, k: tf.Tensor, n: int, seed: int) -> tf.Tensor:
-  """Training example tried at `position` after `k` unreadable ones (k = 0: the stream's own)."""
-  seed_k = tf.constant(seed, tf.int64) + tf.constant(_REPLACEMENT_SALT, tf.int64) * k
-  return _example_id(position, n, seed_k)
+  """Training example tried at `position` after `k` unreadable ones: the one `k` places later
+  in the same epoch's permutation, wrapping (k = 0: the stream's own). So the first `n`
+  candidates of a position are distinct examples, whatever the seed."""
+  epoch_start = (position // n) * n
+  return _example_id(epoch_start + (position % n + k) % n, n, seed)
 
 
 def _example_at(position: int, *, n: int, train: bool, seed: int) -> Optional[int]:

@@ -6,7 +6,7 @@ batch one by one), or, with bad_images='skip', adds the examples of that batch t
 decode to a set of suspects and rebuilds the pipeline from that batch on. The pipeline reads
 a stand-in where a suspect would be read, and `BatchIterator` fills the slot with the
 first of the position's candidates that reads (the stream's own example first, then
-replacements drawn from the seed and the position; for evaluation, the example or nothing).
+the examples after it in its epoch's permutation; for evaluation, the example or nothing).
 That outcome depends only on the position and the files, not on when a file was found bad,
 so a resumed run sees the same replacements as an uninterrupted one; every other position
 is read by the plain pipeline, at its full speed.
