@@ -7,7 +7,8 @@ Runs `python -m mae_jax.main` (default: configs/demo.py shortened to --steps ste
 checkpoint every --checkpoint_every steps) once uninterrupted (kept in ROOT/reference and
 reused), then again in ROOT/<signal>, sending the signal at --kills moments and restarting the
 same command after each: every third one as soon as a save is under way (orbax's tmp folder
-is in checkpoints/), the others at a random time of the run. Then it lets the run finish and
+is in checkpoints/), the others at a random time of the restart's training (after its first
+progress line). Then it lets the run finish and
 compares its final params with the reference's. Prints one line per kill (when, exit status,
 newest checkpoint, the step the restart resumed from) and the comparison, and writes them to
 ROOT/<signal>.json. Not part of the test suite (tens of minutes on a CPU).
@@ -84,14 +85,13 @@ def main():
     rc = start(args, reference, root / 'reference.log').wait()
     assert rc == 0, f'the reference run failed ({rc}): see {root}/reference.log'
     print(f'reference run: {time.time() - t0:.0f} s', flush=True)
-  duration = json.loads((root / 'reference_time.json').read_text())['seconds'] if (
-      root / 'reference_time.json').exists() else None
-  if duration is None:
-    log = (root / 'reference.log').read_text()
-    stamps = re.findall(r'^I\d{4} (\d+):(\d+):(\d+)', log, re.M)
-    seconds = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in stamps]
-    duration = max(seconds[-1] - seconds[0], 30)
-    (root / 'reference_time.json').write_text(json.dumps({'seconds': duration}))
+  # Seconds the reference spent training (first progress line to the end): the kills fall
+  # at a random time of a restart's training, not of its start-up.
+  stamps = [(line, re.match(r'^I\d{4} (\d+):(\d+):(\d+)', line))
+            for line in (root / 'reference.log').read_text().splitlines()]
+  seconds = [(line, int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])) for line, m in stamps if m]
+  first = next(t for line, t in seconds if re.search(r'step \d+/', line))
+  duration = max(seconds[-1][1] - first, 5)
   workdir = root / args.signal.lower()
   log = root / f'{args.signal.lower()}.log'
   if workdir.exists():
@@ -109,7 +109,10 @@ def main():
       while not saving(workdir) and proc.poll() is None:
         time.sleep(0.005)
     else:
-      deadline = t0 + rng.uniform(0.1, 0.6) * duration
+      while proc.poll() is None and not re.search(
+          r'step \d+/', log.read_bytes()[offset:].decode(errors='replace')):
+        time.sleep(0.05)  # start-up: imports, compilation, restore
+      deadline = time.time() + rng.uniform(0.0, 0.8) * duration
       while time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     was_saving = saving(workdir)
