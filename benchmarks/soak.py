@@ -33,9 +33,12 @@ def parse_args():
   p.add_argument('--kills', type=int, default=10)
   p.add_argument('--root', default='/tmp/mae_soak')
   p.add_argument('--config', default='configs/demo.py')
-  p.add_argument('--steps', type=int, default=400)
+  p.add_argument('--steps', type=int, default=1000)
   p.add_argument('--checkpoint_every', type=int, default=50)
   p.add_argument('--seed', type=int, default=0, help='of the kill times')
+  p.add_argument('--spread', type=float, default=0.1,
+                 help='a random kill falls within this part of the training time after the '
+                 "restart's first progress line (small: every kill lands before the run ends)")
   p.add_argument('extra', nargs='*', help='more --config.x=y overrides')
   return p.parse_args()
 
@@ -112,7 +115,7 @@ def main():
       while proc.poll() is None and not re.search(
           r'step \d+/', log.read_bytes()[offset:].decode(errors='replace')):
         time.sleep(0.05)  # start-up: imports, compilation, restore
-      deadline = time.time() + rng.uniform(0.0, 0.8) * duration
+      deadline = time.time() + rng.uniform(0.0, args.spread) * duration
       while time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     was_saving = saving(workdir)
