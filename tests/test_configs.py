@@ -15,7 +15,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 SPECS = ['demo.py', 'tiny.py', 'vit_b.py', 'vit_b.py:800', 'vit_l.py', 'vit_h.py:800',
          'linear_probe.py', 'linear_probe.py:demo', 'linear_probe.py:cifar10',
          'finetune.py', 'finetune.py:vit_h', 'finetune.py:demo', 'partial_finetune.py',
-         'partial_finetune.py:vit_l,4', 'partial_finetune.py:demo,k=2']
+         'partial_finetune.py:vit_l,4', 'partial_finetune.py:demo,k=2',
+         'extract_features.py', 'extract_features.py:cifar10', 'extract_features.py:imagenet']
 
 
 def _load(path: str):
@@ -97,5 +98,5 @@ def test_every_config_file_loads():
   assert files
   for path in files:
     config = _load(str(path))
-    assert config.job in ('pretrain', 'linear_probe', 'finetune'), path.name
+    assert config.job in ('pretrain', 'linear_probe', 'finetune', 'extract_features'), path.name
     assert 'model' in config, path.name

@@ -221,42 +221,6 @@ def _examples_tried(position: int, k: int, *, n: int, train: bool, seed: int) ->
   return [int(_candidate_id(p, tf.constant(j, tf.int64), n, seed)) for j in range(k)]
 
 
-def _flag_suspects(element, suspects: FrozenSet[int], stand_in: int, n: int, train: bool,
-                   seed: int):
-  """`element`, but where the position's example is in `suspects` it reads example
-  `stand_in` (a readable one) instead and flags the slot 'suspect' for `BatchIterator`,
-  which fills it. No branch: the other positions cost one table lookup more."""
-  keys = tf.constant(sorted(suspects), tf.int64)
-  table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-      keys, tf.ones_like(keys)), default_value=0)
-  stand_in = tf.constant(stand_in, tf.int64)
-
-  def flagged(position):
-    idx = _example_id(position, n, seed) if train else tf.minimum(position, n - 1)
-    suspect = table.lookup(idx) > 0
-    if not train:
-      suspect = suspect & (position < n)
-    example = element(position, example=tf.where(suspect, stand_in, idx))
-    return dict(example, suspect=suspect)
-
-  return tf.autograph.experimental.do_not_convert(flagged)
-
-
-def _resolver(transform, load, n: int, train: bool, seed: int, mean, std):
-  """(position, k) -> (normalised image, label) of candidate k at `position` (eval: the
-  example), as the pipeline makes them; raises tf.errors.OpError if it does not read."""
-  @tf.function(input_signature=[tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)])
-  def resolve(position, k):
-    idx = _candidate_id(position, k, n, seed) if train else tf.minimum(position, n - 1)
-    raw, label = load(idx)
-    image = transform(raw, position)
-    if image.dtype == tf.uint8:
-      image = preprocess.normalize(image[None], mean, std)[0]  # as `finalize` does a batch
-    return image, tf.cast(label, tf.int32)
-
-  return resolve
-
-
 def _sequential_records(source: sources.Source, *, train: bool, seed: int,
                         shuffle_buffer: int, start: int, padded_total: int) -> tf.data.Dataset:
   """(position, raw, label) from `start` on, for sources without random access."""
@@ -343,6 +307,13 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   mean, std = tuple(cfg.mean), tuple(cfg.std)
   finalize = _finalize_fn(cfg)
 
+  if train:
+    example_of = lambda position: _example_id(position, n, seed)
+    candidate = lambda position, k: _candidate_id(position, k, n, seed)
+  else:
+    example_of = lambda position: tf.minimum(position, n - 1)
+    candidate = lambda position, k: example_of(position)
+
   def build(first_step: int, suspects: FrozenSet[int], stand_in: int) -> tf.data.Dataset:
     """The batches from `first_step` on; positions whose example is in `suspects` hold
     example `stand_in`, flagged 'suspect', which `unreadable.BatchIterator` replaces."""
@@ -354,7 +325,8 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
           lambda i: (i // host_batch) * global_batch_size + process_index * host_batch
           + i % host_batch)
       if suspects:
-        read = _flag_suspects(element, suspects, stand_in, n, train, seed)
+        read = unreadable.flag_suspects(element, suspects, stand_in, example_of,
+                                        None if train else n)
       else:
         read = element
       ds = positions.map(read, num_parallel_calls=tf.data.AUTOTUNE)
@@ -380,7 +352,7 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   return unreadable.BatchIterator(
       build, unreadable.diagnose_fn(source, positions, example_at), start_step, skip,
       find_suspects=unreadable.suspects_fn(source, positions, example_at, tried, tries),
-      resolve=_resolver(transform, source.load, n, train, seed, mean, std), tries=tries,
+      resolve=unreadable.resolver(transform, source.load, candidate, mean, std), tries=tries,
       name_bad=unreadable.bad_namer(source, tried))
 
 
@@ -463,3 +435,61 @@ def _load_examples(cfg, source: sources.Source, indices, image_size: int
     raise diagnose(0, e) from e
   order = np.searchsorted(unique, indices)
   return {k: batch[k][order] for k in ('image', 'label', 'index')}
+
+
+def eval_examples(dataset_cfg: Any, *, split: str, indices: np.ndarray, image_size: int,
+                  batch_size: int = 256) -> Dict[str, np.ndarray]:
+  """The examples at `indices` of `split` with the eval transform (resize, centre crop).
+
+  For small fixed sets read once and kept (the k-NN monitor of pretraining). Returns, in
+  the order of `indices`: 'image' uint8 (M, S, S, 3) (not normalised: `normalize_images`),
+  'label' int32 (M,), 'index' int64 (M,). Every host reads all of them.
+  """
+  cfg = _resolve_config(dataset_cfg)
+  source = sources.open_source(cfg, split, image_size)
+  n = source.num_examples
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  if len(indices) and (indices.min() < 0 or indices.max() >= n):
+    raise ValueError(f'Example indices outside [0, {n}) of {source.describe}.')
+  crop = lambda raw: preprocess.resize_and_centre_crop(raw, image_size, cfg.eval_crop_fraction)
+  wanted = np.unique(indices)
+  if source.load is not None:
+    ds = tf.data.Dataset.from_tensor_slices(wanted).map(
+        lambda i: (i,) + tuple(source.load(i)), num_parallel_calls=tf.data.AUTOTUNE)
+  else:  # sequential: read up to the last wanted record, keep the wanted ones undecoded
+    table = tf.constant(wanted)
+    last = int(wanted[-1]) if len(wanted) else -1
+
+    def keep(g, raw, label):
+      del raw, label
+      pos = tf.minimum(tf.searchsorted(table, g[None])[0], len(wanted) - 1)
+      return tf.equal(table[pos], g)
+
+    ds = source.records().enumerate().take(last + 1).map(
+        lambda g, ex: (g, ex[0], ex[1])).filter(keep)
+  ds = ds.map(lambda i, raw, label: {'image': crop(raw), 'label': tf.cast(label, tf.int32),
+                                     'index': i},
+              num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+  options = tf.data.Options()
+  options.deterministic = True
+  parts = []
+  try:
+    for batch in ds.with_options(options).as_numpy_iterator():
+      parts.append(batch)
+  except tf.errors.OpError as e:
+    raise ValueError(f'Cannot read the chosen examples of {source.describe}: '
+                     f'{unreadable.op_error_text(e)}.\nFix: replace or delete unreadable images.') from e
+  if not parts:
+    return {'image': np.zeros((0, image_size, image_size, 3), np.uint8),
+            'label': np.zeros((0,), np.int32), 'index': np.zeros((0,), np.int64)}
+  got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  order = np.searchsorted(got['index'], indices)  # `wanted` came back sorted
+  return {k: v[order] for k, v in got.items()}
+
+
+def normalize_images(images: np.ndarray, dataset_cfg: Any) -> np.ndarray:
+  """uint8 images -> float32 normalised with the dataset's mean and std, as batches are."""
+  cfg = _resolve_config(dataset_cfg)
+  mean = np.asarray(cfg.mean, np.float32) * np.float32(255.0)
+  inv_std = np.float32(1.0) / (np.asarray(cfg.std, np.float32) * np.float32(255.0))
+  return (np.asarray(images, np.float32) - mean) * inv_std

@@ -26,6 +26,42 @@ from mae_jax.data import sources
 MAX_REPLACEMENTS = 8
 
 
+def flag_suspects(element: Callable, suspects: FrozenSet[int], stand_in: int,
+                  example_of: Callable, eval_size: Optional[int]) -> Callable:
+  """`element(position, example=None)`, but where the position's example (`example_of`) is
+  in `suspects` it reads example `stand_in` (a readable one) instead and flags the slot
+  'suspect' for `BatchIterator`, which fills it. No branch: the other positions cost one
+  table lookup more. `eval_size`: evaluation's example count (positions past it are padding)."""
+  keys = tf.constant(sorted(suspects), tf.int64)
+  table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+      keys, tf.ones_like(keys)), default_value=0)
+  stand_in = tf.constant(stand_in, tf.int64)
+
+  def flagged(position):
+    idx = example_of(position)
+    suspect = table.lookup(idx) > 0
+    if eval_size is not None:
+      suspect = suspect & (position < eval_size)
+    example = element(position, example=tf.where(suspect, stand_in, idx))
+    return dict(example, suspect=suspect)
+
+  return tf.autograph.experimental.do_not_convert(flagged)
+
+
+def resolver(transform: Callable, load: Callable, candidate: Callable, mean, std) -> Callable:
+  """(position, k) -> (normalised image, label) of example `candidate(position, k)`, as the
+  pipeline makes them; raises tf.errors.OpError if it does not read."""
+  @tf.function(input_signature=[tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)])
+  def resolve(position, k):
+    raw, label = load(candidate(position, k))
+    image = transform(raw, position)
+    if image.dtype == tf.uint8:
+      image = preprocess.normalize(image[None], mean, std)[0]  # as `finalize` does a batch
+    return image, tf.cast(label, tf.int32)
+
+  return resolve
+
+
 class BatchIterator:
   """NumPy batches of `build(start_step, suspects)`; a decoding failure is re-raised naming the
   example (file) that caused it, or, with `skip`, adds `find_suspects(step)` and rebuilds.
