@@ -23,6 +23,9 @@ from mae_jax.jobs import finetune, linear_probe, parallel, pretrain, recipes
 from mae_jax.model import presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Whole runs repeated in other layouts and process counts: the `slow` tier
+# (`python -m pytest -m slow`; CI runs it after the default run).
+SLOW = pytest.mark.slow
 TOLERANCE = 3e-4  # max abs param difference allowed between modes (measured: ~3e-5)
 
 
@@ -100,6 +103,7 @@ def runs(tiny_run, tmp_path_factory):
   return out
 
 
+@SLOW
 def test_every_mode_ends_with_the_same_params(runs):
   base = runs['pmap']['params']
   np.testing.assert_equal(set(base), {'encoder', 'decoder'})
@@ -119,6 +123,7 @@ def _interrupted_copy(workdir, tmp_path, name):
   return copy
 
 
+@SLOW
 def test_fsdp_checkpoint_resumes_in_two_processes_on_four_devices(runs, tmp_path):
   """Saved sharded over 8 devices at step 3; resumed by two processes (jax.distributed,
   gloo) with 2 devices each, still fsdp: ends with the uninterrupted 8-device params."""
@@ -136,6 +141,7 @@ def test_fsdp_checkpoint_resumes_in_two_processes_on_four_devices(runs, tmp_path
   assert max_abs_diff(resumed, runs['pmap']['params']) <= TOLERANCE
 
 
+@SLOW
 def test_fsdp_checkpoint_resumes_under_pmap_on_two_devices(runs, tmp_path):
   workdir = _interrupted_copy(runs['fsdp']['workdir'], tmp_path, 'pmap_on_2')
   result = subprocess.run(
@@ -174,6 +180,7 @@ def _downstream(job, mode, init_from, workdir):
   return checkpoint.load_params(str(workdir))[0], result
 
 
+@SLOW
 @pytest.mark.parametrize('job', ['linear_probe', 'finetune'])
 def test_downstream_jobs_end_alike_under_pmap_and_fsdp(runs, job, tmp_path):
   """fsdp covers the jit path ('data' is the same program without sharded weights)."""

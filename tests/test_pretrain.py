@@ -392,6 +392,7 @@ def _pid_of(*words):
   raise AssertionError(f'no process with {words}')
 
 
+@pytest.mark.slow  # multi-process: `python -m pytest -m slow` (CI runs it)
 def test_two_processes_train_exactly_like_one_also_when_one_is_preempted(tiny_run, tmp_path):
   """A real multi-host run: two processes on localhost joined by jax.distributed (gloo).
 
