@@ -1,7 +1,9 @@
 """Faults a run survives, through `python -m mae_jax.main`: SIGTERM / SIGINT (save the step in
 flight, exit 75, resume exactly), a truncated newest checkpoint (moved aside, resumed from
 the one before), unreadable images (named, or replaced with bad_images='skip'), and the
-SLURM launcher's requeue on exit status 75. The signal guard itself is tested in-process."""
+SLURM launcher's requeue on exit status 75. The signal guard itself is tested in-process.
+The four tests on the `preempted` runs (four processes, minutes on a shared 2-core machine)
+are in the slow tier."""
 import io
 import os
 import pathlib
@@ -140,6 +142,7 @@ def preempted(tmp_path_factory, cache, bad_folder):
   return out
 
 
+@pytest.mark.slow  # the `preempted` runs: `python -m pytest -m slow` (CI runs it)
 def test_sigterm_saves_the_step_in_flight_and_exits_75(preempted):
   assert preempted['status'] == preemption.EXIT_PREEMPTED, preempted['log'][-3000:]
   assert preempted['seconds'] < 90
@@ -151,6 +154,7 @@ def test_sigterm_saves_the_step_in_flight_and_exits_75(preempted):
           in preempted['log'])
 
 
+@pytest.mark.slow  # the `preempted` runs: `python -m pytest -m slow` (CI runs it)
 def test_rerun_skips_a_truncated_newest_checkpoint_and_ends_like_an_uninterrupted_run(
     preempted):
   log, work = preempted['rerun_log'], preempted['work']
@@ -168,6 +172,7 @@ def test_rerun_skips_a_truncated_newest_checkpoint_and_ends_like_an_uninterrupte
   assert steps == sorted(set(steps)) and steps[-1] == 400 and step in steps
 
 
+@pytest.mark.slow  # the `preempted` runs: `python -m pytest -m slow` (CI runs it)
 def test_unreadable_image_stops_by_default_naming_it_before_training(preempted, bad_folder):
   status, log = preempted['error_status'], preempted['error_log']
   assert status == 1, log[-3000:]
@@ -178,6 +183,7 @@ def test_unreadable_image_stops_by_default_naming_it_before_training(preempted, 
   assert not (preempted['error_workdir'] / 'checkpoints').exists()
 
 
+@pytest.mark.slow  # the `preempted` runs: `python -m pytest -m slow` (CI runs it)
 def test_skip_replaces_unreadable_images_and_counts_them(preempted):
   """The uninterrupted run with bad_images='skip' (the preempted and resumed one ends with
   its params: the replacements do not depend on where a run started)."""
