@@ -8,6 +8,9 @@
 #
 # Process 0 prints to the terminal, the others to WORKDIR/../<name>.process<i>.log.
 # config.batch_size must be divisible by NUM_PROCESSES * DEVICES_PER_PROCESS.
+# Ctrl-C or SIGTERM to this script is passed on as SIGTERM: the processes agree on a step,
+# save it and exit 75, which this script returns (rerun it to resume). Otherwise its
+# status is the first non-zero one of the processes.
 # PYTHON picks the interpreter (default: `python` on PATH), e.g. PYTHON=.venv/bin/python.
 set -euo pipefail
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
@@ -20,7 +23,7 @@ shift 2 || shift $#
 
 cd "$(dirname "$0")/.."
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = NUM_PROCESSES - 1; i >= 0; i--)); do
   cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
        "$PYTHON" -m mae_jax.main --config="$CONFIG" --workdir="$WORKDIR" --multihost
@@ -32,6 +35,16 @@ for ((i = NUM_PROCESSES - 1; i >= 0; i--)); do
   fi
   pids+=($!)
 done
+status_of() {  # the exit status of process $1, waiting on through trapped signals
+  local rc
+  while :; do
+    wait "$1" && rc=0 || rc=$?
+    kill -0 "$1" 2>/dev/null || return "$rc"
+  done
+}
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-exit $status
+for pid in "${pids[@]}"; do
+  status_of "$pid" && rc=0 || rc=$?
+  if ((status == 0)); then status=$rc; fi
+done
+exit "$status"

@@ -13,6 +13,10 @@ from the latest checkpoint in `--workdir`.
 Multi-host: pass `--multihost` on every process. On TPU pods and under SLURM the
 coordinator is found automatically; elsewhere give `--coordinator_address`,
 `--num_processes` and `--process_id` (see launch/).
+
+Exit status: 0 when the job finished; 75 (`preemption.EXIT_PREEMPTED`) when SIGTERM or
+SIGINT stopped it early after saving a checkpoint (rerun the same command to resume; the
+SLURM launcher requeues on it); anything else is an error.
 """
 import importlib
 import sys
@@ -80,6 +84,16 @@ def main(argv) -> None:
                jax.default_backend())
   logging.info('Config:\n%s', config)
   importlib.import_module(JOBS[job]).train_and_evaluate(config, _WORKDIR.value)
+  from mae_jax.jobs import preemption  # pylint: disable=g-import-not-at-top
+  stop = preemption.last_stop()
+  if stop is not None:
+    if jax.process_count() > 1:  # no process leaves before every one has saved
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('mae_jax_stopped_early')
+    logging.warning('Stopped early on %s with the checkpoint of step %d saved in %s; exit status '
+                    '%d: rerun the same command to resume.', stop['reason'], stop['step'],
+                    _WORKDIR.value, preemption.EXIT_PREEMPTED)
+    sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

@@ -116,3 +116,99 @@ def test_relative_paths_save_and_restore(tmp_path, monkeypatch):
   checkpoint.save_params('release', _params(4), MODEL)
   _assert_tree_equal(_params(4), checkpoint.load_params('release')[0])
   assert (tmp_path / 'runs' / 'wd' / 'checkpoints' / '3' / 'params').is_dir()
+
+
+# --- Damaged checkpoints: reported, moved aside (never deleted), the newest good one resumed.
+
+OPT = {'mu': np.zeros(3, np.float32), 'count': np.asarray(0, np.int32)}
+
+
+def _workdir_with_steps(tmp_path, steps=(10, 20, 30)):
+  workdir = tmp_path / 'wd'
+  manager = checkpoint.create_manager(str(workdir), max_to_keep=None, async_save=False)
+  for step in steps:
+    checkpoint.save_train_checkpoint(manager, step, _params(step),
+                                     dict(OPT, count=np.asarray(step, np.int32)), MODEL)
+  manager.close()
+  return workdir, workdir / 'checkpoints'
+
+
+def _truncate_arrays(step_dir, item='params'):
+  files = [f for f in (step_dir / item).rglob('*') if f.is_file() and f.parent.name == 'd']
+  assert files
+  for f in files:
+    f.write_bytes(f.read_bytes()[:10])
+
+
+def _listing(folder):
+  return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize('damage', ['truncated params', 'truncated opt_state', 'no commit marker',
+                                    'missing item', 'truncated meta'])
+def test_damaged_newest_step_is_moved_aside_and_the_next_restores(tmp_path, damage, caplog):
+  workdir, ckpts = _workdir_with_steps(tmp_path)
+  newest = ckpts / '30'
+  if damage.startswith('truncated') and damage != 'truncated meta':
+    _truncate_arrays(newest, damage.split()[-1])
+  elif damage == 'no commit marker':
+    (newest / 'commit_success.txt').unlink()
+  elif damage == 'missing item':
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(newest / 'opt_state')
+  else:
+    (newest / 'meta' / 'metadata').write_text('{"format": "mae_j')
+  files_before = sorted(str(p.relative_to(newest)) for p in newest.rglob('*'))
+  # The model check reads the newest meta that reads; damage waits for the restore.
+  assert checkpoint.check_workdir_compatible(str(workdir), MODEL) == 30
+  step, params, opt_state = checkpoint.restore_newest_train_checkpoint(
+      str(workdir), _params(0), OPT)
+  assert step == 20
+  _assert_tree_equal(_params(20), params)
+  assert int(opt_state['count']) == 20
+  moved = [p for p in ckpts.iterdir() if p.name.startswith('30.corrupt-')]
+  assert len(moved) == 1 and _listing(ckpts) == sorted(['10', '20', moved[0].name])
+  # Moved, not deleted: every file is still there.
+  assert sorted(str(p.relative_to(moved[0])) for p in moved[0].rglob('*')) == files_before
+  assert any('step 30' in r.getMessage() and 'cannot be restored' in r.getMessage()
+             for r in caplog.records)
+  # Orbax neither lists nor deletes the moved folder; load_params does not take it.
+  manager = checkpoint.create_manager(str(workdir), max_to_keep=1, async_save=False)
+  assert manager.all_steps() == [10, 20]
+  checkpoint.save_train_checkpoint(manager, 40, _params(40), OPT, MODEL)
+  manager.close()
+  assert _listing(ckpts) == sorted(['40', moved[0].name])
+  _assert_tree_equal(_params(40), checkpoint.load_params(str(workdir))[0])
+
+
+def test_half_written_save_is_never_the_newest(tmp_path):
+  """A save killed half way leaves orbax's tmp folder: ignored, and deleted by the next
+  manager (nothing committed is in it); a folder without the commit marker is not taken."""
+  workdir, ckpts = _workdir_with_steps(tmp_path, (10, 20))
+  tmp = ckpts / '30.orbax-checkpoint-tmp'
+  (tmp / 'params').mkdir(parents=True)
+  (tmp / 'params' / 'manifest.ocdbt').write_bytes(b'half')
+  assert checkpoint.check_workdir_compatible(str(workdir), MODEL) == 20
+  _assert_tree_equal(_params(20), checkpoint.load_params(str(workdir))[0])
+  step, _, _ = checkpoint.restore_newest_train_checkpoint(str(workdir), _params(0), OPT)
+  assert step == 20 and _listing(ckpts) == sorted(['10', '20', tmp.name])
+  manager = checkpoint.create_manager(str(workdir), async_save=False)
+  checkpoint.save_train_checkpoint(manager, 30, _params(30), OPT, MODEL)  # saving it again
+  manager.close()
+  assert _listing(ckpts) == ['10', '20', '30']
+  _assert_tree_equal(_params(30), checkpoint.load_params(str(workdir))[0])
+  (ckpts / '30' / 'commit_success.txt').unlink()
+  _assert_tree_equal(_params(20), checkpoint.load_params(str(workdir))[0])
+
+
+def test_no_step_restores_raises_and_moves_nothing(tmp_path):
+  workdir, ckpts = _workdir_with_steps(tmp_path, (10, 20))
+  for step in ('10', '20'):
+    _truncate_arrays(ckpts / step)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'(?s)No checkpoint in .* restores.*step 20: .*step 10: .*Nothing '
+                           r'was moved'):
+    checkpoint.restore_newest_train_checkpoint(str(workdir), _params(0), OPT)
+  assert _listing(ckpts) == ['10', '20']
+  assert checkpoint.restore_newest_train_checkpoint(str(tmp_path / 'empty'), _params(0),
+                                                    OPT) is None

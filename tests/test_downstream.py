@@ -508,9 +508,13 @@ def _read_jsonl(path):
   return [json.loads(line) for line in open(path)]
 
 
-def test_linear_probe_run_eval_only_and_resume(pretrained_dir, tiny_mae_params, tmp_path):
-  import shutil
+def test_linear_probe_run_eval_only_and_resume(pretrained_dir, tiny_mae_params, tmp_path,
+                                               monkeypatch):
+  import os
+  import signal
   from mae_jax.io import checkpoint
+  from mae_jax.jobs import downstream
+  from mae_jax.jobs import preemption
   workdir = str(tmp_path / 'probe')
   config = _run_config('linear_probe', init_from=pretrained_dir)
   result = linear_probe.train_and_evaluate(config, workdir)
@@ -538,11 +542,29 @@ def test_linear_probe_run_eval_only_and_resume(pretrained_dir, tiny_mae_params, 
   assert again['top1'] == logged[-1]['eval/top1'] and again['top5'] == result['top5']
   assert _read_jsonl(f'{workdir}/eval_only.jsonl')[-1]['eval/top1'] == result['top1']
 
-  # Interrupted after step 2: resuming reaches the same step-4 params as the full run.
+  # SIGTERM while the batch of step 3 is read: the run saves the step in flight and stops;
+  # the rerun reaches the same step-4 params as the full run.
+  create_dataset = downstream.pipeline.create_dataset
+
+  def sigterm_at_step_3(*args, **kwargs):
+    stream = create_dataset(*args, **kwargs)
+    if kwargs['mode'] == 'eval':
+      return stream
+    def batches():
+      for step, batch in enumerate(stream, start=kwargs['start_step'] + 1):
+        if step == 3:
+          os.kill(os.getpid(), signal.SIGTERM)
+        yield batch
+    return batches()
+
   resumed = str(tmp_path / 'resumed')
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(f'{resumed}/checkpoints/4')
   config.eval_only = False
+  monkeypatch.setattr(downstream.pipeline, 'create_dataset', sigterm_at_step_3)
+  linear_probe.train_and_evaluate(config, resumed)
+  stop = preemption.last_stop()
+  assert stop['reason'] == 'SIGTERM' and stop['step'] < 4
+  assert max(int(p) for p in os.listdir(f'{resumed}/checkpoints')) == stop['step']
+  monkeypatch.undo()
   linear_probe.train_and_evaluate(config, resumed)
   full, _ = checkpoint.load_params(f'{workdir}/checkpoints/4')
   part, _ = checkpoint.load_params(f'{resumed}/checkpoints/4')

@@ -399,6 +399,147 @@ def test_tfds_errors(tmp_path):
                       process_index=0, process_count=1)
 
 
+# ----------------------------------------------------------------------------- unusual images
+def _encoded(image, fmt):
+  buffer = io.BytesIO()
+  image.save(buffer, fmt)
+  return buffer.getvalue()
+
+
+def _unusual_images():
+  """{name: (bytes, expected RGB pixels)}: valid files in the modes ImageNet's train set has."""
+  rng = np.random.default_rng(7)
+  rgb = rng.integers(0, 256, (20, 24, 3), np.uint8)
+  grey = rgb[..., 0]
+  deep = rng.integers(0, 65536, (20, 24), np.uint16)
+  pil = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+  cases = {
+      'grey.png': _encoded(Image.fromarray(grey), 'PNG'),
+      'grey.jpg': _encoded(Image.fromarray(grey), 'JPEG'),
+      'rgba.png': _encoded(Image.fromarray(np.dstack([rgb, rgb[..., :1]])), 'PNG'),
+      'palette.png': _encoded(Image.fromarray(rgb).convert('P'), 'PNG'),
+      'cmyk.jpg': _encoded(Image.fromarray(rgb).convert('CMYK'), 'JPEG'),
+      'png_named.jpg': _encoded(Image.fromarray(rgb), 'PNG'),
+  }
+  expected = {name: pil(data) for name, data in cases.items()}  # PIL's convert('RGB')
+  # 16 bit: PIL's convert('RGB') clips at 255; the decoder keeps the high byte instead.
+  cases['deep16.png'] = _encoded(Image.fromarray(deep), 'PNG')
+  expected['deep16.png'] = np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, -1)
+  assert Image.open(io.BytesIO(cases['cmyk.jpg'])).mode == 'CMYK'
+  assert Image.open(io.BytesIO(cases['png_named.jpg'])).format == 'PNG'
+  return {name: (cases[name], expected[name]) for name in cases}
+
+
+@pytest.mark.parametrize('name', sorted(_unusual_images()))
+def test_unusual_valid_images_are_converted_to_rgb(name):
+  data, expected = _unusual_images()[name]
+  got = preprocess.decode_rgb(tf.constant(data)).numpy()
+  np.testing.assert_array_equal(got, expected)
+  crop = preprocess.random_resized_crop(tf.constant(data), tf.constant([3, 4], tf.int64), 8,
+                                        (0.2, 1.0)).numpy()
+  assert crop.shape == (8, 8, 3)
+
+
+def test_unusual_images_in_a_folder_read_in_error_mode(tmp_path):
+  os.makedirs(tmp_path / 'train' / 'a')
+  for name, (data, _) in _unusual_images().items():
+    (tmp_path / 'train' / 'a' / name).write_bytes(data)
+  [batch] = _batches(_folder_cfg(str(tmp_path)), split='train', mode='eval',
+                     global_batch_size=8, image_size=8)
+  assert batch['valid'][:7].all() and np.isfinite(batch['image']).all()
+
+
+# ----------------------------------------------------------------------------- bad_images
+@pytest.fixture(scope='module')
+def bad_folder(tmp_path_factory):
+  """12 JPEGs in two classes; 1 zero bytes, 1 truncated (its header survives)."""
+  root = tmp_path_factory.mktemp('bad')
+  rng = np.random.default_rng(3)
+  for c in ('a', 'b'):
+    os.makedirs(root / 'train' / c)
+    for i in range(6):
+      Image.fromarray(_smooth_image(rng, 24, 30)).save(root / 'train' / c / f'{i}.jpg')
+  (root / 'train' / 'a' / '0.jpg').write_bytes(b'')
+  bad = root / 'train' / 'b' / '3.jpg'
+  bad.write_bytes(bad.read_bytes()[:200])
+  return root
+
+
+def test_skip_replaces_bad_images_deterministically_and_resumes_exactly(bad_folder, caplog):
+  cfg = _folder_cfg(str(bad_folder), bad_images='skip')
+  kw = dict(global_batch_size=4, image_size=8)
+  stream = ip.create_dataset(cfg, split='train', mode='pretrain', seed=0, process_index=0,
+                             process_count=1, **kw)
+  batches = [next(stream) for _ in range(9)]  # 3 epochs of 12
+  assert 'replaced' not in batches[0]  # the count stays in the iterator, off the device
+  # Each epoch meets both bad files once (a replacement may be bad too: >= 6).
+  assert stream.bad_images >= 6
+  messages = ' '.join(r.getMessage() for r in caplog.records)
+  assert 'a/0.jpg' in messages and 'b/3.jpg' in messages and 'Input is empty' in messages
+  # Stream positions stay the same: nothing is dropped, only which image fills a slot.
+  np.testing.assert_array_equal(np.concatenate([b['index'] for b in batches]), np.arange(36))
+  assert all(np.isfinite(b['image']).all() for b in batches)
+  good = _folder_cfg(str(bad_folder))
+  again = _batches(cfg, n=9, **kw)  # replacements depend on the seed and position only
+  for a, b in zip(batches, again):
+    _assert_same(a, b)
+  for start in (2, 5):  # resumed (also inside the robust part): the same batches
+    resumed = _batches(cfg, n=9 - start, start_step=start, **kw)
+    for a, b in zip(batches[start:], resumed):
+      _assert_same(a, b)
+  with pytest.raises(ValueError, match='Cannot read image file'):
+    _batches(good, n=9, **kw)  # the default: an error naming the file
+
+
+def test_skip_drops_bad_images_from_evaluation(bad_folder):
+  cfg = _folder_cfg(str(bad_folder), bad_images='skip')
+  stream = ip.create_dataset(cfg, split='train', mode='eval', global_batch_size=5, image_size=8,
+                             seed=0, process_index=0, process_count=1)
+  batches = list(stream)
+  valid = np.concatenate([b['valid'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches])
+  assert valid.sum() == 10 and stream.bad_images == 2
+  files = ip.sources._image_folder_split(str(bad_folder), 'train', 'train')[1]
+  dropped = [f for f, v in zip(files, valid) if not v]
+  assert [os.path.basename(os.path.dirname(f)) + '/' + os.path.basename(f)
+          for f in dropped] == ['a/0.jpg', 'b/3.jpg']
+  assert (labels[~valid] == -1).all()
+
+
+def test_skip_stops_when_the_data_is_broken_and_needs_random_access(tmp_path):
+  os.makedirs(tmp_path / 'train' / 'a')
+  for i in range(4):
+    (tmp_path / 'train' / 'a' / f'{i}.jpg').write_bytes(b'not an image')
+  with pytest.raises(ValueError, match=r'8 examples in a row are unreadable.*data looks broken'):
+    _batches(_folder_cfg(str(tmp_path), bad_images='skip'), n=1, global_batch_size=2)
+  with pytest.raises(ValueError, match='Unknown bad_images'):
+    _batches(_folder_cfg(str(tmp_path), bad_images='ignore'), n=1)
+  with tfds.testing.mock_data(num_examples=10):
+    with pytest.raises(ValueError, match="bad_images='skip' needs random access.*array_record"):
+      _batches(ml_cfg(source='tfds', name='cifar10', tfds_read='sequential', bad_images='skip'),
+               n=1)
+
+
+@pytest.mark.parametrize('mode', ['pretrain', 'finetune', 'eval'])
+def test_robust_reading_gives_the_plain_pipelines_batches_on_good_files(folder, mode):
+  """bad_images='skip' reads the examples found unreadable through their candidates: on
+  readable files that must give the very batches of the plain pipeline, or a resumed run,
+  which has not met a bad file yet, would differ. Here every example but one is a suspect."""
+  root, _ = folder
+  stream = ip.create_dataset(_folder_cfg(root, bad_images='skip'), split='train', mode=mode,
+                             global_batch_size=5, image_size=8, seed=1, process_index=0,
+                             process_count=1)
+  plain = list(stream._build(1, frozenset(), 0).take(3).as_numpy_iterator())
+  flagged = list(stream._build(1, frozenset(range(1, 12)), 0).take(3).as_numpy_iterator())
+  assert len(plain) == len(flagged) == (2 if mode == 'eval' else 3)  # eval: 12 files + padding
+  assert 0 < sum(b['suspect'].sum() for b in flagged) < sum(b['suspect'].size for b in flagged)
+  for a, b in zip(plain, flagged):
+    assert b['suspect'].any()
+    assert not np.array_equal(a['image'], b['image'])  # stand-ins in the suspects' slots
+    _assert_same(a, stream._complete(b))
+  assert stream.bad_images == 0
+
+
 def test_eval_examples_are_the_eval_stream_at_those_indices():
   """The k-NN monitor's fixed images: the eval crops of the chosen examples, in the order
   asked for, as uint8; normalised, bit-identical to the eval batches."""

@@ -4,8 +4,11 @@ import json
 import math
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 from flax import jax_utils
 import jax
@@ -192,6 +195,34 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_run, tmp_path, 
   assert heldout[0] == pytest.approx(heldout[1], rel=1e-5)  # steps 0, 3 and 6
 
 
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_run, tmp_path, monkeypatch):
+  """A NaN in the images of step 5 (between the saves of steps 3 and 6): the run stops at
+  the next check (step 6) naming step 5, and saves nothing after step 3."""
+  create_dataset = pipeline.create_dataset
+
+  def with_a_nan_batch(*args, **kwargs):
+    stream = create_dataset(*args, **kwargs)
+    if kwargs['mode'] != 'pretrain':
+      return stream
+    def batches():
+      for step, batch in enumerate(stream, start=kwargs['start_step'] + 1):
+        if step == 5:
+          batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+        yield batch
+    return batches()
+
+  monkeypatch.setattr(pretrain.pipeline, 'create_dataset', with_a_nan_batch)
+  workdir = tmp_path / 'nan'
+  with pytest.raises(FloatingPointError, match=r"Non-finite \{'loss': nan.*\} at step 5; "
+                                               r'nothing after the last checkpoint \(step 3\)'):
+    pretrain.train_and_evaluate(load_config('tiny'), str(workdir))
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['3']
+  good, _ = checkpoint.load_params(str(workdir))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(good))
+  assert [r['step'] for r in read_jsonl(workdir) if 'loss' in r] == [1, 2, 3, 4]
+
+
 def _listing(workdir):
   return sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob('*'))
 
@@ -349,18 +380,48 @@ def test_pretraining_starts_from_a_converted_encoder_only_release(tiny_run, tmp_
     pretrain.train_and_evaluate(config, str(tmp_path / 'other'))
 
 
+def _pid_of(*words):
+  """The process whose command line holds all of `words` (Linux /proc)."""
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      cmdline = (pathlib.Path('/proc') / pid / 'cmdline').read_bytes().decode().split('\0')
+    except OSError:
+      continue
+    if all(any(w in part for part in cmdline) for w in words):
+      return int(pid)
+  raise AssertionError(f'no process with {words}')
+
+
 @pytest.mark.slow  # multi-process: `python -m pytest -m slow` (CI runs it)
-def test_two_processes_train_exactly_like_one(tiny_run, tmp_path):
-  """A real multi-host run: two processes on localhost joined by jax.distributed (gloo)."""
+def test_two_processes_train_exactly_like_one_also_when_one_is_preempted(tiny_run, tmp_path):
+  """A real multi-host run: two processes on localhost joined by jax.distributed (gloo).
+
+  Process 1 alone gets SIGTERM as it starts: JAX's preemption service tells process 0,
+  both stop at the same step with a checkpoint and exit 75. The run is then finished here,
+  in one process on 8 devices (the checkpoint does not depend on the process count)."""
   workdir = tmp_path / 'two_processes'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(NUM_PROCESSES='2', DEVICES_PER_PROCESS='1', PORT=str(23000 + os.getpid() % 2000),
              PYTHON=sys.executable)  # the interpreter running the tests, activated or not
-  result = subprocess.run(
-      ['bash', str(REPO / 'launch' / 'local_cpu.sh'), 'configs/tiny.py', str(workdir),
-       '--config.num_visualize=0'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  command = ['bash', str(REPO / 'launch' / 'local_cpu.sh'), 'configs/tiny.py', str(workdir),
+             '--config.num_visualize=0']
+  log1 = pathlib.Path(f'{workdir}.process1.log')
+  run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not (log1.exists() and 'JAX process 1/2' in log1.read_text()):
+    assert run.poll() is None and time.time() < deadline, run.stdout.read()[-3000:]
+    time.sleep(0.1)
+  os.kill(_pid_of('mae_jax.main', str(workdir), '--process_id=1'), signal.SIGTERM)
+  out, _ = run.communicate(timeout=300)
+  assert run.returncode == 75, out[-3000:]
+  stops = [re.findall(r'saving step (\d+) and stopping', text) for text in (out, log1.read_text())]
+  assert stops[0] == stops[1] and len(stops[0]) == 1, stops  # the same step on both
+  assert [p.name for p in (workdir / 'checkpoints').iterdir()] == stops[0]
+  assert int(stops[0][0]) < 6
+  config = load_config('tiny')
+  config.num_visualize = 0
+  assert int(pretrain.train_and_evaluate(config, str(workdir)).step[0]) == 6
   two, _ = checkpoint.load_params(str(workdir))
   one, _ = checkpoint.load_params(str(tiny_run['workdir']))
   # Same batches, masks and updates on 2 devices in 2 processes as on 8 devices in one.

@@ -16,10 +16,17 @@ every host reads every record and keeps its slice before decoding (reading costs
 the host count), and resuming reads and drops the records before `start_step` within the
 epoch (no decoding). Prepare big datasets with `tfds build --file_format=array_record` to get
 random access.
+
+Unreadable images (`config.dataset.bad_images`): 'error' stops naming the file. 'skip' (random
+access only) replaces each unreadable training example by the first readable one among
+`unreadable.MAX_REPLACEMENTS` (8) candidates, the examples that follow it in its epoch's
+permutation (fixed by the seed and the stream position, so a resumed run sees the same
+replacement), and drops unreadable evaluation examples (`valid`
+False). Only the examples found unreadable so far take that slower path; until the first
+failure the pipeline is the plain one (`mae_jax.data.unreadable`).
 """
 import functools
-import re
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional
 
 import ml_collections
 import numpy as np
@@ -27,6 +34,7 @@ import tensorflow as tf
 
 from mae_jax.data import preprocess
 from mae_jax.data import sources
+from mae_jax.data import unreadable
 
 # The pipeline runs on the host CPU; TF must never grab accelerator memory that JAX needs.
 try:
@@ -37,6 +45,7 @@ except (RuntimeError, ValueError):  # Already initialised (e.g. by the caller): 
 SOURCES = ('tfds', 'imagefolder', 'embedded')
 MODES = ('pretrain', 'linear_probe', 'finetune', 'eval')
 TFDS_READ_MODES = ('auto', 'random_access', 'sequential')
+BAD_IMAGES = ('error', 'skip')
 _AUGMENT_SALT = 0x6d6165  # separates the augmentation seeds from the permutation seeds
 
 
@@ -63,6 +72,10 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     'random_access' / 'sequential'.
   shuffle_buffer: per-epoch shuffle buffer of sequential TFDS reading.
   embedded_eval_grid: tiles per side of the embedded 'test' split.
+  bad_images: what an unreadable image does: 'error' stops with a message naming it; 'skip'
+    replaces it (training; deterministically, so resuming stays exact) or drops it
+    (evaluation), logs its name and counts it. Needs random access. Valid images in any
+    colour mode (grey, RGBA, palette, 16 bit, CMYK) and a PNG named .jpg are decoded either way.
   """
   return ml_collections.ConfigDict(dict(
       source='embedded', name='', data_dir='', manual_dir='', download=False,
@@ -71,7 +84,8 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       crop_scale=(0.2, 1.0), downstream_crop_scale=(0.08, 1.0),
       crop_ratio=preprocess.CROP_RATIO, eval_crop_fraction=0.875,
       rand_augment_num_ops=2, rand_augment_magnitude=9, rand_augment_magnitude_std=0.5,
-      random_erase_prob=0.25, tfds_read='auto', shuffle_buffer=16384, embedded_eval_grid=3))
+      random_erase_prob=0.25, tfds_read='auto', shuffle_buffer=16384, embedded_eval_grid=3,
+      bad_images='error'))
 
 
 def _resolve_config(dataset_cfg: Any) -> ml_collections.ConfigDict:
@@ -89,6 +103,9 @@ def _resolve_config(dataset_cfg: Any) -> ml_collections.ConfigDict:
                      f'of {SOURCES}.')
   if cfg.tfds_read not in TFDS_READ_MODES:
     raise ValueError(f'Unknown tfds_read {cfg.tfds_read!r}: use one of {TFDS_READ_MODES}.')
+  if cfg.bad_images not in BAD_IMAGES:
+    raise ValueError(f'Unknown bad_images {cfg.bad_images!r}: set config.dataset.bad_images to '
+                     f'one of {BAD_IMAGES}.')
   return cfg
 
 
@@ -104,11 +121,12 @@ def num_classes(dataset_cfg: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the stream
-def _example_id(position: tf.Tensor, n: int, seed: int) -> tf.Tensor:
+def _example_id(position: tf.Tensor, n: int, seed) -> tf.Tensor:
   """Example shown at a training stream position: `perm_epoch[position % n]`."""
   if n == 1:
     return tf.zeros_like(position)
-  epoch_seed = tf.stack([tf.constant(seed, tf.int64), position // n])
+  seed = seed if isinstance(seed, tf.Tensor) else tf.constant(seed, tf.int64)
+  epoch_seed = tf.stack([seed, position // n])
   return tf.random.experimental.index_shuffle(position % n, epoch_seed,
                                               tf.constant(n - 1, tf.int64))
 
@@ -155,11 +173,16 @@ def _example_transform(cfg, mode: str, image_size: int, seed: int):
 
 
 def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int):
-  """Builds `(position[, raw, label]) -> example dict`; eval positions >= n are padding."""
-  def element(position, raw=None, label=None):
+  """Builds `(position[, raw, label]) -> example dict`; eval positions >= n are padding.
+
+  `example` (random access): read that example instead of the one at `position`.
+  """
+  def element(position, raw=None, label=None, example=None):
     def real():
       if load is None:
         r, l = raw, label
+      elif example is not None:
+        r, l = load(example)
       else:
         r, l = load(_example_id(position, n, seed) if train else tf.minimum(position, n - 1))
       return transform(r, position), tf.cast(l, tf.int32)
@@ -173,6 +196,29 @@ def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int
     return {'image': image, 'label': lab, 'index': position, 'valid': valid}
 
   return tf.autograph.experimental.do_not_convert(element)
+
+
+def _candidate_id(position: tf.Tensor, k: tf.Tensor, n: int, seed: int) -> tf.Tensor:
+  """Training example tried at `position` after `k` unreadable ones: the one `k` places later
+  in the same epoch's permutation, wrapping (k = 0: the stream's own). So the first `n`
+  candidates of a position are distinct examples, whatever the seed."""
+  epoch_start = (position // n) * n
+  return _example_id(epoch_start + (position % n + k) % n, n, seed)
+
+
+def _example_at(position: int, *, n: int, train: bool, seed: int) -> Optional[int]:
+  """The example id at a stream position (eval padding: None), computed eagerly."""
+  if not train:
+    return position if position < n else None
+  return int(_example_id(tf.constant(position, tf.int64), n, seed))
+
+
+def _examples_tried(position: int, k: int, *, n: int, train: bool, seed: int) -> List[int]:
+  """The ids of the first `k` candidates at a stream position (eval: the example itself)."""
+  if not train:
+    return [min(position, n - 1)]
+  p = tf.constant(position, tf.int64)
+  return [int(_candidate_id(p, tf.constant(j, tf.int64), n, seed)) for j in range(k)]
 
 
 def _sequential_records(source: sources.Source, *, train: bool, seed: int,
@@ -207,61 +253,6 @@ def _finalize_fn(cfg):
     return batch
 
   return finalize
-
-
-class _BatchIterator:
-  """NumPy batches; a decoding failure is re-raised naming the example (file) that caused it."""
-
-  def __init__(self, dataset: tf.data.Dataset, diagnose: Callable[[int, Exception], Exception],
-               step: int):
-    self._iterator = dataset.as_numpy_iterator()
-    self._diagnose = diagnose
-    self._step = step
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> Dict[str, np.ndarray]:
-    try:
-      batch = next(self._iterator)
-    except tf.errors.OpError as e:
-      raise self._diagnose(self._step, e) from e
-    self._step += 1
-    return batch
-
-
-def _op_error_text(error: Exception) -> str:
-  """First line of a TF error without the TF-internal function and op names."""
-  text = str(getattr(error, 'message', error)).strip().splitlines()[0]
-  return re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$', '', text).strip()
-
-
-def _diagnose_fn(source: sources.Source, positions: Callable[[int], range], train: bool,
-                 seed: int):
-  """Finds the unreadable example of a failed step by decoding its examples one by one."""
-  def diagnose(step: int, error: Exception) -> Exception:
-    if source.load is not None:
-      n = source.num_examples
-      for position in positions(step):
-        if not train and position >= n:
-          break
-        p = tf.constant(position, tf.int64)
-        idx = int(_example_id(p, n, seed) if train else p)
-        try:
-          raw, _ = source.load(tf.constant(idx, tf.int64))
-          if raw.dtype == tf.string:
-            preprocess.decode_rgb(raw)
-        except tf.errors.OpError as e:
-          reason = _op_error_text(e)
-          return ValueError(
-              f'Cannot read {source.example_name(idx)} of {source.describe}: {reason}.\n'
-              'Fix: replace or delete it (images must be valid JPEG or PNG files).')
-    return RuntimeError(f'Reading {source.describe} failed at step {step}: '
-                        f'{_op_error_text(error)}\n'
-                        'Fix: check that the dataset files are complete and readable '
-                        '(re-prepare a TFDS dataset with `tfds build`).')
-
-  return diagnose
 
 
 def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size: int,
@@ -305,34 +296,64 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   train = mode != 'eval'
   transform = _example_transform(cfg, mode, image_size, seed)
   source = sources.open_source(cfg, split, image_size)
+  skip = cfg.bad_images == 'skip'
+  if skip and source.load is None:
+    raise ValueError(f"config.dataset.bad_images='skip' needs random access, which "
+                     f'{source.describe} (TFRecord files) lacks: prepare it with `tfds build '
+                     f"--file_format=array_record`, or set bad_images='error'.")
   n = source.num_examples
   num_steps = None if train else -(-n // global_batch_size)
   element = _element_fn(transform, source.load, n, image_size, train, seed)
+  mean, std = tuple(cfg.mean), tuple(cfg.std)
+  finalize = _finalize_fn(cfg)
 
-  if source.load is not None:
-    # Host-local index i -> global position of this host's slice of batch i // host_batch.
-    stop = 2**62 if train else num_steps * host_batch
-    ds = tf.data.Dataset.range(start_step * host_batch, max(stop, start_step * host_batch)).map(
-        lambda i: (i // host_batch) * global_batch_size + process_index * host_batch
-        + i % host_batch)
-    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
+  if train:
+    example_of = lambda position: _example_id(position, n, seed)
+    candidate = lambda position, k: _candidate_id(position, k, n, seed)
   else:
-    ds = _sequential_records(source, train=train, seed=seed, shuffle_buffer=cfg.shuffle_buffer,
-                             start=start_step * global_batch_size,
-                             padded_total=(num_steps or 0) * global_batch_size)
-    # Keep this host's slice before decoding anything.
-    ds = ds.filter(lambda g, r, l: (g % global_batch_size) // host_batch == process_index)
-    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
+    example_of = lambda position: tf.minimum(position, n - 1)
+    candidate = lambda position, k: example_of(position)
 
-  ds = ds.batch(host_batch, drop_remainder=True).map(_finalize_fn(cfg),
-                                                    num_parallel_calls=tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+  def build(first_step: int, suspects: FrozenSet[int], stand_in: int) -> tf.data.Dataset:
+    """The batches from `first_step` on; positions whose example is in `suspects` hold
+    example `stand_in`, flagged 'suspect', which `unreadable.BatchIterator` replaces."""
+    if source.load is not None:
+      # Host-local index i -> global position of this host's slice of batch i // host_batch.
+      stop = 2**62 if train else num_steps * host_batch
+      positions = tf.data.Dataset.range(first_step * host_batch,
+                                        max(stop, first_step * host_batch)).map(
+          lambda i: (i // host_batch) * global_batch_size + process_index * host_batch
+          + i % host_batch)
+      if suspects:
+        read = unreadable.flag_suspects(element, suspects, stand_in, example_of,
+                                        None if train else n)
+      else:
+        read = element
+      ds = positions.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+      ds = _sequential_records(source, train=train, seed=seed, shuffle_buffer=cfg.shuffle_buffer,
+                               start=first_step * global_batch_size,
+                               padded_total=(num_steps or 0) * global_batch_size)
+      # Keep this host's slice before decoding anything.
+      ds = ds.filter(lambda g, r, l: (g % global_batch_size) // host_batch == process_index)
+      ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(host_batch, drop_remainder=True).map(finalize,
+                                                       num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
   positions = functools.partial(_host_positions, global_batch=global_batch_size,
                                 host_batch=host_batch, process_index=process_index)
-  return _BatchIterator(ds, _diagnose_fn(source, positions, train, seed), start_step)
+  example_at = functools.partial(_example_at, n=n, train=train, seed=seed)
+  tried = functools.partial(_examples_tried, n=n, train=train, seed=seed)
+  tries = unreadable.MAX_REPLACEMENTS if train else 1
+  return unreadable.BatchIterator(
+      build, unreadable.diagnose_fn(source, positions, example_at), start_step, skip,
+      find_suspects=unreadable.suspects_fn(source, positions, example_at, tried, tries),
+      resolve=unreadable.resolver(transform, source.load, candidate, mean, std), tries=tries,
+      name_bad=unreadable.bad_namer(source, tried))
 
 
 # ----------------------------------------------------------------------------- chosen examples
@@ -410,7 +431,7 @@ def _load_examples(cfg, source: sources.Source, indices, image_size: int
   try:
     batch = next(ds.as_numpy_iterator())
   except tf.errors.OpError as e:
-    diagnose = _diagnose_fn(source, lambda _: unique.tolist(), False, 0)
+    diagnose = unreadable.diagnose_fn(source, lambda _: unique.tolist(), lambda i: i)
     raise diagnose(0, e) from e
   order = np.searchsorted(unique, indices)
   return {k: batch[k][order] for k in ('image', 'label', 'index')}
@@ -457,7 +478,7 @@ def eval_examples(dataset_cfg: Any, *, split: str, indices: np.ndarray, image_si
       parts.append(batch)
   except tf.errors.OpError as e:
     raise ValueError(f'Cannot read the chosen examples of {source.describe}: '
-                     f'{_op_error_text(e)}.\nFix: replace or delete unreadable images.') from e
+                     f'{unreadable.op_error_text(e)}.\nFix: replace or delete unreadable images.') from e
   if not parts:
     return {'image': np.zeros((0, image_size, image_size, 3), np.uint8),
             'label': np.zeros((0,), np.int32), 'index': np.zeros((0,), np.int64)}

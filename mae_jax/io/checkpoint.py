@@ -13,7 +13,17 @@ accepts any of the three: a workdir, one step directory, or a `save_params` dire
 The model config stored in `meta` is compared with the config of a run that wants to
 resume a workdir (`check_workdir_compatible`), so an existing workdir is never
 overwritten by a run whose parameters would not match.
+
+Damaged checkpoints: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it
+(locally; on GCS it writes the files in place) only after `commit_success.txt` is in it, so
+a save killed half way leaves a tmp folder, which is never taken for a step and which the
+next run's manager deletes (`cleanup_tmp_directories`; nothing committed is in it). A step
+folder without the marker, or whose files do not restore (truncated or missing files, a
+disk that lost unflushed data), is reported with its step and the reason, moved to
+`checkpoints/<step>.corrupt-<UTC time>` (a name orbax neither lists nor deletes) and the
+run resumes from the newest step that restores (`restore_newest_train_checkpoint`).
 """
+import datetime
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -29,6 +39,9 @@ CHECKPOINT_SUBDIR = 'checkpoints'
 PARAMS_ITEM = 'params'
 OPT_STATE_ITEM = 'opt_state'
 META_ITEM = 'meta'
+TRAIN_ITEMS = (PARAMS_ITEM, OPT_STATE_ITEM, META_ITEM)
+COMMIT_FILE = 'commit_success.txt'  # orbax writes it last, before the folder gets its name
+CORRUPT_SUFFIX = '.corrupt-'
 
 PyTree = Any
 
@@ -107,15 +120,26 @@ def _meta(model_config, step, config) -> Dict[str, Any]:
   }
 
 
-def _step_dirs(directory: epath.Path) -> List[Tuple[int, epath.Path]]:
-  """Finished step directories (`<int>/` holding a params item), ascending."""
+def _all_step_dirs(directory: epath.Path) -> List[Tuple[int, epath.Path]]:
+  """Every `<int>/` step directory, complete or not, ascending."""
   if not directory.is_dir():
     return []
-  steps = []
-  for child in directory.iterdir():
-    if child.name.isdigit() and (child / PARAMS_ITEM).exists():
-      steps.append((int(child.name), child))
-  return sorted(steps)
+  return sorted((int(c.name), c) for c in directory.iterdir() if c.name.isdigit())
+
+
+def incomplete_reason(step_dir: epath.Path, items=(PARAMS_ITEM,)) -> Optional[str]:
+  """Why `step_dir` is not a complete checkpoint of `items` (files not read), or None."""
+  if not (step_dir / COMMIT_FILE).exists():
+    return f'no {COMMIT_FILE}: its save never finished'
+  missing = [item for item in items if not (step_dir / item).is_dir()]
+  if missing:
+    return f'item(s) {missing} missing'
+  return None
+
+
+def _step_dirs(directory: epath.Path) -> List[Tuple[int, epath.Path]]:
+  """Finished step directories (`<int>/`, committed, holding a params item), ascending."""
+  return [(step, d) for step, d in _all_step_dirs(directory) if incomplete_reason(d) is None]
 
 
 def resolve_checkpoint(path: str) -> epath.Path:
@@ -223,16 +247,27 @@ def check_workdir_compatible(workdir: str, model_config: Mapping[str, Any],
                              config: Optional[Mapping[str, Any]] = None) -> Optional[int]:
   """Checks that `workdir`'s checkpoints were made with the same model; returns their latest step.
 
-  Returns None for a workdir without checkpoints. Raises `CheckpointError` naming the
+  The newest checkpoint whose meta reads is compared (damaged newer ones are left to
+  `restore_newest_train_checkpoint`); the step returned is the newest step folder, which
+  may still turn out damaged. Returns None for a workdir without checkpoints. Raises
+  `CheckpointError` naming the
   differing fields when the stored model config differs from `model_config`, so that a
   run never writes over checkpoints of another model. Differences elsewhere in the
   config (batch size, learning rate, ...) are allowed and logged as warnings.
   """
-  steps = _step_dirs(_path(workdir) / CHECKPOINT_SUBDIR)
+  steps = _all_step_dirs(_path(workdir) / CHECKPOINT_SUBDIR)
   if not steps:
     return None
-  step, latest = steps[-1]
-  meta = read_meta(latest)
+  for step, latest in reversed(steps):  # the newest whose meta reads; damaged ones wait for
+    if incomplete_reason(latest, TRAIN_ITEMS) is not None:  # restore_newest_train_checkpoint
+      continue
+    try:
+      meta = read_meta(latest)
+      break
+    except CheckpointError:
+      continue
+  else:
+    return steps[-1][0]  # none is readable: restoring reports each one
   if meta is None or meta.get('format') != FORMAT or meta.get('model_config') is None:
     raise CheckpointError(
         f'{latest} is not a mae_jax training checkpoint (no model config recorded). Refusing to '
@@ -250,7 +285,7 @@ def check_workdir_compatible(workdir: str, model_config: Mapping[str, Any],
     if other:
       logging.warning('Resuming %s with config changes since step %d:\n  %s', workdir, step,
                       '\n  '.join(other))
-  return step
+  return steps[-1][0]
 
 
 def create_manager(workdir: str, max_to_keep: Optional[int] = 3,
@@ -293,3 +328,75 @@ def restore_train_checkpoint(manager: ocp.CheckpointManager, step: int, params: 
         f'checkpoint is corrupt or was written by an incompatible version; delete that step '
         f'folder to resume from an earlier one, or pass a new --workdir.') from e
   return restored[PARAMS_ITEM], restored[OPT_STATE_ITEM]
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ''
+  return f'{type(error).__name__}: {text[:limit]}'
+
+
+def move_aside(step_dir: epath.Path, reason: str) -> epath.Path:
+  """Renames a damaged step folder to `<step>.corrupt-<UTC time>` next to it; never deletes."""
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+  target = step_dir.parent / f'{step_dir.name}{CORRUPT_SUFFIX}{stamp}'
+  step_dir.rename(target)
+  logging.warning('Checkpoint step %s in %s cannot be restored (%s): moved it to %s and '
+                  'resuming from an older step.', step_dir.name, step_dir.parent, reason,
+                  target.name)
+  return target
+
+
+def restore_newest_train_checkpoint(workdir: str, params: PyTree, opt_state: PyTree
+                                    ) -> Optional[Tuple[int, PyTree, PyTree]]:
+  """`(step, params, opt_state)` of the newest step of `workdir` that restores, or None.
+
+  Newer step folders that do not (no commit marker, missing items, unreadable files) are
+  moved aside with `move_aside`, after a step restored, and each is logged with its step
+  and why. When none restores, nothing is moved and `CheckpointError` lists them. With
+  several processes, all must have restored the same step (they read the same files);
+  process 0 moves the folders, between two barriers. Templates as for
+  `restore_train_checkpoint`. Returns None for a workdir without step folders.
+  """
+  steps = _all_step_dirs(_path(workdir) / CHECKPOINT_SUBDIR)
+  failed = []
+  restored = None
+  for step, step_dir in reversed(steps):
+    reason = incomplete_reason(step_dir, TRAIN_ITEMS)
+    if reason is None:
+      try:
+        items = _composite_checkpointer().restore(step_dir, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardRestore(_restore_template(params)),
+            OPT_STATE_ITEM: ocp.args.StandardRestore(_restore_template(opt_state)),
+            META_ITEM: ocp.args.JsonRestore()}))  # read too: load_params needs it later
+        restored = (step, items[PARAMS_ITEM], items[OPT_STATE_ITEM])
+        break
+      except Exception as e:  # orbax raises many types for damaged or mismatched files
+        reason = _first_line(e)
+    logging.warning('Checkpoint step %d (%s) cannot be restored: %s', step, step_dir, reason)
+    failed.append((step, step_dir, reason))
+  if restored is None and failed:
+    raise CheckpointError(
+        f'No checkpoint in {_path(workdir) / CHECKPOINT_SUBDIR} restores:\n  ' +
+        '\n  '.join(f'step {s}: {r}' for s, _, r in failed) +
+        '\nNothing was moved. If these were written by this model, move the step folders '
+        'aside to start over (or fix what the reasons name); otherwise pass a new --workdir.')
+  _agree_on_step(None if restored is None else restored[0])
+  if failed:
+    if jax.process_index() == 0:
+      for _, step_dir, reason in failed:
+        move_aside(step_dir, reason)
+    ocp.multihost.sync_global_processes('mae_jax_moved_damaged_checkpoints')
+  return restored
+
+
+def _agree_on_step(step: Optional[int]) -> None:
+  """Raises unless every process restored the same step (one process: nothing to check)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  steps = np.asarray(multihost_utils.process_allgather(np.int64(-1 if step is None else step)))
+  if len(set(steps.tolist())) > 1:
+    raise CheckpointError(f'The processes restored different steps {steps.tolist()} from the '
+                          f'same workdir; some cannot read files the others can. Check the '
+                          f'shared file system, then rerun.')

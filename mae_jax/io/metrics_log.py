@@ -10,7 +10,7 @@ import datetime
 import json
 import logging as py_logging
 import time
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
 from clu import metric_writers
@@ -20,6 +20,20 @@ import numpy as np
 from mae_jax.io import curves
 
 METRICS_FILE = 'metrics.jsonl'
+
+
+def check_finite(step_metrics: List[Dict[str, np.ndarray]], last_step: int,
+                 last_checkpoint: Any, keys: Tuple[str, ...] = ('loss', 'grad_norm')) -> None:
+  """Raises FloatingPointError naming the first step (of those ending at `last_step`) whose
+  loss or gradient norm is not finite, and the last checkpoint, which stays as it is."""
+  for i, metrics in enumerate(step_metrics):
+    bad = {k: float(np.asarray(metrics[k]).ravel()[0]) for k in keys
+           if k in metrics and not np.all(np.isfinite(metrics[k]))}
+    if bad:
+      step = last_step - len(step_metrics) + 1 + i
+      raise FloatingPointError(
+          f'Non-finite {bad} at step {step}; nothing after the last checkpoint (step '
+          f'{last_checkpoint}) was saved. Lower config.base_lr, or train in float32.')
 
 
 def _format_duration(seconds: float) -> str:

@@ -33,6 +33,7 @@ from mae_jax.jobs import architecture
 from mae_jax.jobs import classification
 from mae_jax.jobs import optim
 from mae_jax.jobs import parallel
+from mae_jax.jobs import preemption
 from mae_jax.jobs import pretrain
 from mae_jax.jobs.classification import TrainState
 
@@ -73,6 +74,18 @@ def _save(manager, step: int, state: TrainState, record: Dict[str, Any], config,
                                                                        state.frozen)),
       layout.for_checkpoint({'opt_state': state.opt_state, 'batch_stats': state.batch_stats}),
       record, config.to_dict())
+
+
+def _restore_newest(workdir: str, state: TrainState, make_state,
+                    layout: parallel.Layout) -> TrainState:
+  """The newest step of `workdir` that restores, in a state shaped like `state` (not yet laid
+  out for the step); damaged newer steps are moved aside."""
+  step, params, extra = checkpoint.restore_newest_train_checkpoint(
+      workdir, layout.restore_target(classification.merge_params(state.params, state.frozen)),
+      layout.restore_target({'opt_state': state.opt_state, 'batch_stats': state.batch_stats}))
+  restored = make_state(params, extra['batch_stats'])
+  return restored.replace(opt_state=jax.tree_util.tree_map(jnp.asarray, extra['opt_state']),
+                          step=step)
 
 
 def _restore(manager, step: int, state: TrainState, make_state,
@@ -127,6 +140,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     return evaluate_only(config, workdir, model, make_state, p_eval_step, init_rng, layout)
   latest = checkpoint.check_workdir_compatible(workdir, record, config.to_dict())
 
+  def training_batches(start_step):  # reads its first batch now: a bad file there stops here
+    return pipeline.create_dataset(
+        ds, split=ds.train_split, mode=data_mode, global_batch_size=config.batch_size,
+        image_size=image_size, seed=config.seed, start_step=start_step)
+
+  train_iter = training_batches(latest or 0)
+
   # 2. The classifier from the pretrained encoder, or the state to continue from.
   if latest is None:
     params, batch_stats = classification.init_params(model, config, init_rng,
@@ -134,21 +154,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   else:
     params, batch_stats = _fresh_init(model, init_rng)
   state = make_state(params, batch_stats)
+  if latest is not None:  # the newest step that restores; damaged newer ones are moved aside
+    state = _restore_newest(workdir, state, make_state, layout)
+    logging.info('Resumed from %s at step %d.', workdir, int(state.step))
+  start_step = int(state.step)
+  if start_step != (latest or 0):  # the newest checkpoint was damaged
+    train_iter = training_batches(start_step)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints,
                                       config.async_checkpointing)
-  if latest is not None:
-    state = _restore(manager, latest, state, make_state, layout)
-    logging.info('Resumed from %s at step %d.', manager.directory, latest)
-  start_step = int(state.step)
   logging.info('%s: %d classes, %d trained / %d frozen params; %d steps (%d warmup, %d per '
                'epoch), global batch %d, peak lr %.3g, from step %d.', config.job, num_classes,
                _size(state.params), _size(state.frozen), total_steps, warmup, steps_per_epoch,
                config.batch_size, optim.scaled_lr(config.base_lr, config.batch_size), start_step)
   p_train_step = layout.compile_step(train_step(num_classes, layout), state)
   state = layout.put_state(state)
-  train_iter = pipeline.create_dataset(
-      ds, split=ds.train_split, mode=data_mode, global_batch_size=config.batch_size,
-      image_size=image_size, seed=config.seed, start_step=start_step)
   batches = layout.batches(train_iter, config.prefetch_batches)
   is_main = jax.process_index() == 0
   logger = metrics_log.TrainLogger(workdir, total_steps, start_step, config.batch_size, is_main)
@@ -157,38 +176,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   # 3. The loop. Metrics stay on device until a log step, so dispatch runs ahead.
   result: Dict[str, float] = {}
   pending = []
-  for step in range(start_step + 1, total_steps + 1):
-    state, metrics = p_train_step(state, next(batches), jax.random.fold_in(train_rng, step))
-    pending.append(metrics)
-    if step == start_step + 1:
-      jax.block_until_ready(metrics)
-      logger.restart_clock(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      summary = {f'train/{k}': float(np.mean(v)) for k, v in jax.tree_util.tree_map(
-          lambda *xs: np.stack([np.ravel(x)[0] for x in xs]), *jax.device_get(pending)).items()}
-      pending = []
-      if not np.isfinite(summary['train/loss']):
-        raise FloatingPointError(
-            f'Loss is {summary["train/loss"]} at step {step}; the last checkpoint is step '
-            f'{manager.latest_step()}. Lower config.base_lr or train in float32.')
-      summary['train/lr'] = float(host_schedule(step - 1))
-      logger.log_train(step, summary)
-    if step % eval_every == 0 or step == total_steps:
-      result = evaluate(p_eval_step, state, _eval_batches(config, image_size), layout)
-      logging.info('step %d: eval top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)', step,
-                   result['top1'], result['top5'], result['loss'], int(result['count']))
-      logger.log_scalars(step, {f'eval/{k}': v for k, v in result.items()})
-    preempted = manager.reached_preemption(step)
-    if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
-      _save(manager, step, state, record, config, layout)
-      logger.write_curves()
-    if preempted and step < total_steps:
-      logging.warning('Preempted: saved step %d, stopping; rerun the same command to resume.',
-                      step)
-      break
-  manager.wait_until_finished()
-  manager.close()
-  logger.close()
+  try:
+    with preemption.StopOnSignal(manager, total_steps) as stop:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = p_train_step(state, next(batches), jax.random.fold_in(train_rng, step))
+        pending.append(metrics)
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          logger.restart_clock(step)
+        preempted = stop.should_stop(step)
+        save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+        if step % config.log_every_steps == 0 or save_now:  # never save a diverged state
+          host_metrics = jax.device_get(pending)
+          pending = []
+          metrics_log.check_finite(host_metrics, step, manager.latest_step())
+          summary = {f'train/{k}': float(np.mean(v)) for k, v in jax.tree_util.tree_map(
+              lambda *xs: np.stack([np.ravel(x)[0] for x in xs]), *host_metrics).items()}
+          summary['train/lr'] = float(host_schedule(step - 1))
+          if ds.get('bad_images') == 'skip':
+            summary['train/bad_images_skipped'] = train_iter.bad_images
+          logger.log_train(step, summary)
+        if step % eval_every == 0 or step == total_steps:
+          result = evaluate(p_eval_step, state, _eval_batches(config, image_size), layout)
+          logging.info('step %d: eval top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)', step,
+                       result['top1'], result['top5'], result['loss'], int(result['count']))
+          logger.log_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+        if save_now:
+          _save(manager, step, state, record, config, layout)
+          logger.write_curves()
+        if preempted:
+          break
+  finally:
+    manager.wait_until_finished()  # async saves must land even when the loop fails
+    manager.close()
+    logger.close()
   if not result:  # resumed a finished run: report its accuracy
     result = evaluate(p_eval_step, state, _eval_batches(config, image_size), layout)
   return result

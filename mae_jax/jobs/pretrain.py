@@ -29,6 +29,7 @@ from mae_jax.jobs import knn_monitor
 from mae_jax.jobs import optim
 from mae_jax.jobs import parallel
 from mae_jax.jobs import pictures
+from mae_jax.jobs import preemption
 from mae_jax.jobs.recipes import CONFIG_FIELDS
 from mae_jax.model.mae import MaskedAutoencoder
 from mae_jax.model.patches import to_2tuple
@@ -371,7 +372,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   check_accumulation(config.batch_size, config.grad_accum_steps)
   model = create_model(config)
   latest = checkpoint.check_workdir_compatible(workdir, config.model.to_dict(), config.to_dict())
-  start_step = latest or 0
   init_params = None
   if latest is None and config.init_from:
     abstract = jax.eval_shape(model.init, {'params': jax.random.PRNGKey(0),
@@ -384,9 +384,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      f'lower it or set config.total_steps.')
   schedule = create_schedule(config, steps_per_epoch)
   total_steps = schedule.total_steps
-  train_iter = pipeline.create_dataset(
-      ds, split=ds.train_split, mode='pretrain', global_batch_size=config.batch_size,
-      image_size=input_image_size(config), seed=config.seed, start_step=start_step)
   is_main = jax.process_index() == 0
   layout = parallel.Layout(config.parallelism)
   # Under jit the reconstruction is a computation over the mesh that every process joins.
@@ -398,31 +395,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     vis_images = np.asarray(multihost_utils.broadcast_one_to_all(vis_images))
   monitor = knn_monitor.KnnMonitor(config, total_steps, layout.host_state)  # reads its images once (if on)
-  logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
-               'device(s) in %d process(es) (%s, %d micro-batch(es) per step), from step %d.',
-               total_steps, schedule.warmup_steps, steps_per_epoch, config.batch_size,
-               jax.device_count(), jax.process_count(), config.parallelism,
-               config.grad_accum_steps, start_step)
 
-  # 2. Model, optimiser, and the state to continue from.
+  def training_batches(start_step):  # reads its first batch now: a bad file there stops here
+    return pipeline.create_dataset(
+        ds, split=ds.train_split, mode='pretrain', global_batch_size=config.batch_size,
+        image_size=input_image_size(config), seed=config.seed, start_step=start_step)
+
+  train_iter = training_batches(latest or 0)
+
+  # 2. Model, optimiser, and the state to continue from (the newest checkpoint that restores;
+  # damaged newer ones are moved aside before the manager lists the steps).
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   fns = training_functions(model, optimizer_args(config), schedule, config.grad_accum_steps,
                            config.parallelism)
   state = create_train_state(config, model, init_rng, schedule)
   visualizer = (None if vis_images is None else
                 pictures.Visualizer(model, config, vis_images, workdir, fns.reconstruct))
+  restored = (None if latest is None else
+              checkpoint.restore_newest_train_checkpoint(
+                  workdir, layout.restore_target(state.params),
+                  layout.restore_target(state.opt_state)))
+  if restored is not None:
+    start_step, params, opt_state = restored
+    state = state.replace(step=start_step, params=params, opt_state=opt_state)
+    logging.info('Resumed from %s at step %d.', workdir, start_step)
+  else:
+    start_step = 0
+    if init_params is not None:
+      # AdamW's moments start at zero whatever the params, so only the params change.
+      state = state.replace(params=with_init_params(state.params, init_params))
+      logging.info('Initialised from %s.', config.init_from)
+  if start_step != (latest or 0):  # the newest checkpoint was damaged
+    train_iter = training_batches(start_step)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints,
                                       config.async_checkpointing)
-  if latest is not None:
-    params, opt_state = checkpoint.restore_train_checkpoint(
-        manager, latest, layout.restore_target(state.params),
-        layout.restore_target(state.opt_state))
-    state = state.replace(step=latest, params=params, opt_state=opt_state)
-    logging.info('Resumed from %s at step %d.', manager.directory, latest)
-  elif init_params is not None:
-    # AdamW's moments start at zero whatever the params, so only the params change.
-    state = state.replace(params=with_init_params(state.params, init_params))
-    logging.info('Initialised from %s.', config.init_from)
+  logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
+               'device(s) in %d process(es) (%s, %d micro-batch(es) per step), from step %d.',
+               total_steps, schedule.warmup_steps, steps_per_epoch, config.batch_size,
+               jax.device_count(), jax.process_count(), config.parallelism,
+               config.grad_accum_steps, start_step)
   state = layout.put_state(state)
   p_train_step = fns.p_train_step
 
@@ -451,31 +462,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info('Step %d of %d reached already: nothing to train.', start_step, total_steps)
   pending = []
   try:
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = p_train_step(state, next(batches), train_rng)
-      pending.append(metrics)
-      first = step == start_step + 1
-      preempted = manager.reached_preemption(step)
-      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-      if first or step % config.log_every_steps == 0 or save_now:  # never save a diverged state
-        summary = summarize(jax.device_get(pending))
-        pending = []
-        if not np.isfinite(summary['loss']):
-          raise FloatingPointError(
-              f'Loss is {summary["loss"]} at step {step}; the last checkpoint is step '
-              f'{manager.latest_step()}. Lower config.base_lr or train in float32.')
-        logger.log_train(step, summary)
-      if first:
-        logger.restart_clock(step)  # compiled and run once: speed is measured from here
-      if step % config.visualize_every_steps == 0 or step == total_steps:
-        picture(step)
-      monitor(step, state.params, logger)
-      if save_now:
-        save(step)
-      if preempted and step < total_steps:
-        logging.warning('Preempted: saved step %d, stopping; rerun the same command to resume.',
-                        step)
-        break
+    with preemption.StopOnSignal(manager, total_steps) as stop:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = p_train_step(state, next(batches), train_rng)
+        pending.append(metrics)
+        first = step == start_step + 1
+        preempted = stop.should_stop(step)
+        save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+        if first or step % config.log_every_steps == 0 or save_now:  # never save a diverged state
+          host_metrics = jax.device_get(pending)
+          pending = []
+          metrics_log.check_finite(host_metrics, step, manager.latest_step())
+          summary = summarize(host_metrics)
+          if ds.get('bad_images') == 'skip':
+            summary['bad_images_skipped'] = train_iter.bad_images
+          logger.log_train(step, summary)
+        if first:
+          logger.restart_clock(step)  # compiled and run once: speed is measured from here
+        if step % config.visualize_every_steps == 0 or step == total_steps:
+          picture(step)
+        monitor(step, state.params, logger)
+        if save_now:
+          save(step)
+        if preempted:
+          break
   finally:
     manager.wait_until_finished()  # async saves must land even when the loop fails
     manager.close()
