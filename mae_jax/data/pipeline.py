@@ -1,4 +1,4 @@
-"""Input pipeline: TFDS, ImageFolder or embedded photos -> deterministic host-local batches.
+"""Input pipeline: TFDS, ImageFolder, embedded photos or scenes -> deterministic host batches.
 
 The stream: global batch `s` holds the examples at global stream positions
 `g = s * global_batch + j`, `j < global_batch`; host `h` of `P` takes the contiguous slice
@@ -34,7 +34,7 @@ try:
 except (RuntimeError, ValueError):  # Already initialised (e.g. by the caller): leave it.
   pass
 
-SOURCES = ('tfds', 'imagefolder', 'embedded')
+SOURCES = ('tfds', 'imagefolder', 'embedded', 'scenes')
 MODES = ('pretrain', 'linear_probe', 'finetune', 'eval')
 TFDS_READ_MODES = ('auto', 'random_access', 'sequential')
 _AUGMENT_SALT = 0x6d6165  # separates the augmentation seeds from the permutation seeds
@@ -44,7 +44,8 @@ def default_dataset_config() -> ml_collections.ConfigDict:
   """All `config.dataset` fields with their defaults; configs start from this.
 
   source: 'embedded' (photos shipped with scikit-image, no download), 'imagefolder'
-    (`data_dir/<split>/<class>/*.jpg|jpeg|png`, classes sorted -> label ids) or 'tfds'.
+    (`data_dir/<split>/<class>/*.jpg|jpeg|png`, classes sorted -> label ids), 'tfds' or
+    'scenes' (the synthetic segmentation scenes as images, no download).
   name: TFDS name (with optional config/version), e.g. 'imagenet2012', 'cifar10'.
   data_dir: ImageFolder root, or the TFDS data_dir (None: TFDS's default).
   manual_dir: TFDS manual-download directory (imagenet2012: the two ILSVRC2012 tars).
@@ -63,6 +64,10 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     'random_access' / 'sequential'.
   shuffle_buffer: per-epoch shuffle buffer of sequential TFDS reading.
   embedded_eval_grid: tiles per side of the embedded 'test' split.
+  scenes_train / scenes_eval / scene_size / scenes_seed: source 'scenes', the synthetic
+    segmentation set of mae_jax.data.scenes read as images ('train' and 'test' splits of
+    that many scenes of scene_size pixels, 0 = the output size; label = the shape kind
+    covering the most pixels).
   """
   return ml_collections.ConfigDict(dict(
       source='embedded', name='', data_dir='', manual_dir='', download=False,
@@ -71,7 +76,8 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       crop_scale=(0.2, 1.0), downstream_crop_scale=(0.08, 1.0),
       crop_ratio=preprocess.CROP_RATIO, eval_crop_fraction=0.875,
       rand_augment_num_ops=2, rand_augment_magnitude=9, rand_augment_magnitude_std=0.5,
-      random_erase_prob=0.25, tfds_read='auto', shuffle_buffer=16384, embedded_eval_grid=3))
+      random_erase_prob=0.25, tfds_read='auto', shuffle_buffer=16384, embedded_eval_grid=3,
+      scenes_train=512, scenes_eval=128, scene_size=0, scenes_seed=0))
 
 
 def _resolve_config(dataset_cfg: Any) -> ml_collections.ConfigDict:
@@ -104,7 +110,7 @@ def num_classes(dataset_cfg: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the stream
-def _example_id(position: tf.Tensor, n: int, seed: int) -> tf.Tensor:
+def example_id(position: tf.Tensor, n: int, seed: int) -> tf.Tensor:
   """Example shown at a training stream position: `perm_epoch[position % n]`."""
   if n == 1:
     return tf.zeros_like(position)
@@ -161,7 +167,7 @@ def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int
       if load is None:
         r, l = raw, label
       else:
-        r, l = load(_example_id(position, n, seed) if train else tf.minimum(position, n - 1))
+        r, l = load(example_id(position, n, seed) if train else tf.minimum(position, n - 1))
       return transform(r, position), tf.cast(l, tf.int32)
 
     if train:
@@ -197,7 +203,7 @@ def _sequential_records(source: sources.Source, *, train: bool, seed: int,
   return stream.map(lambda g, ex: (g, ex[0], ex[1]))
 
 
-class _BatchIterator:
+class BatchIterator:
   """NumPy batches; a decoding failure is re-raised naming the example (file) that caused it."""
 
   def __init__(self, dataset: tf.data.Dataset, diagnose: Callable[[int, Exception], Exception],
@@ -218,7 +224,7 @@ class _BatchIterator:
     return batch
 
 
-def _op_error_text(error: Exception) -> str:
+def op_error_text(error: Exception) -> str:
   """First line of a TF error without the TF-internal function and op names."""
   text = str(getattr(error, 'message', error)).strip().splitlines()[0]
   return re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$', '', text).strip()
@@ -234,18 +240,18 @@ def _diagnose_fn(source: sources.Source, positions: Callable[[int], range], trai
         if not train and position >= n:
           break
         p = tf.constant(position, tf.int64)
-        idx = int(_example_id(p, n, seed) if train else p)
+        idx = int(example_id(p, n, seed) if train else p)
         try:
           raw, _ = source.load(tf.constant(idx, tf.int64))
           if raw.dtype == tf.string:
             preprocess.decode_rgb(raw)
         except tf.errors.OpError as e:
-          reason = _op_error_text(e)
+          reason = op_error_text(e)
           return ValueError(
               f'Cannot read {source.example_name(idx)} of {source.describe}: {reason}.\n'
               'Fix: replace or delete it (images must be valid JPEG or PNG files).')
     return RuntimeError(f'Reading {source.describe} failed at step {step}: '
-                        f'{_op_error_text(error)}\n'
+                        f'{op_error_text(error)}\n'
                         'Fix: check that the dataset files are complete and readable '
                         '(re-prepare a TFDS dataset with `tfds build`).')
 
@@ -326,4 +332,4 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
   positions = functools.partial(_host_positions, global_batch=global_batch_size,
                                 host_batch=host_batch, process_index=process_index)
-  return _BatchIterator(ds, _diagnose_fn(source, positions, train, seed), start_step)
+  return BatchIterator(ds, _diagnose_fn(source, positions, train, seed), start_step)
