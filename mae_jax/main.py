@@ -5,7 +5,7 @@ Example: `python -m mae_jax.main --config=configs/demo.py --workdir=/tmp/mae_dem
 `--config` is an ml_collections config file (with an optional `:arg` for configs that
 take one, e.g. `configs/finetune.py:vit_b`); any field can be overridden on the command
 line (`--config.batch_size=256`). `config.job` picks the job: 'pretrain',
-'linear_probe' or 'finetune'. Rerunning the same command resumes from the latest
+'linear_probe', 'finetune' or 'segmentation'. Rerunning the same command resumes from the latest
 checkpoint in `--workdir`.
 
 Multi-host: pass `--multihost` on every process. On TPU pods and under SLURM the
@@ -25,6 +25,7 @@ JOBS = {
     'pretrain': 'mae_jax.jobs.pretrain',
     'linear_probe': 'mae_jax.jobs.linear_probe',
     'finetune': 'mae_jax.jobs.finetune',
+    'segmentation': 'mae_jax.jobs.segmentation',
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
