@@ -5,22 +5,14 @@ replicated state, sharded batch) for a config file, compiles it, and prints the 
 instructions of the optimised HLO and a hash of its text with metadata (source lines, op
 names) stripped, so moving code between files does not change it:
 
-    python benchmarks/step_hlo.py --config configs/demo.py [--dump step.hlo]
+    python benchmarks/step_hlo.py --config configs/demo.py[:arg] [--dump step.hlo]
 
 Two commits give the same hash when XLA compiles the same program for the step.
 """
 import argparse
 import hashlib
-import importlib.util
 import json
 import re
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location('experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def optimised_hlo(config) -> str:
@@ -72,7 +64,8 @@ def main():
   parser.add_argument('--config', default='configs/demo.py')
   parser.add_argument('--dump', help='write the stripped HLO text here')
   args = parser.parse_args()
-  text = strip_metadata(optimised_hlo(load_config(args.config)))
+  import mae_jax  # pylint: disable=g-import-not-at-top
+  text = strip_metadata(optimised_hlo(mae_jax.load_config(args.config, lock=False)))
   if args.dump:
     with open(args.dump, 'w') as f:
       f.write(text + '\n')

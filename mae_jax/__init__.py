@@ -29,6 +29,7 @@ _API = {  # public name -> the module that defines it
     'ViTBackbone': 'mae_jax.model.backbone',
     'Segmenter': 'mae_jax.model.segmenter',
     'features': 'mae_jax.model.features',
+    'load_config': 'mae_jax.jobs.config_file',
     'random_masking': 'mae_jax.model.masking',
     'patchify': 'mae_jax.model.patches',
     'unpatchify': 'mae_jax.model.patches',

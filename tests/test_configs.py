@@ -1,21 +1,77 @@
 """Every config file loads, and the paper's pretraining configs hold its recipe and build at full size."""
 import pathlib
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import traverse_util
 from ml_collections import config_flags
 
+import mae_jax
 from mae_jax import MaskedAutoencoder
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+# Every config file, and the arguments its docstring and README name.
+SPECS = ['demo.py', 'tiny.py', 'vit_b.py', 'vit_b.py:800', 'vit_l.py', 'vit_h.py:800',
+         'linear_probe.py', 'linear_probe.py:demo', 'linear_probe.py:cifar10',
+         'finetune.py', 'finetune.py:vit_h', 'finetune.py:demo', 'partial_finetune.py',
+         'partial_finetune.py:vit_l,4', 'partial_finetune.py:demo,k=2', 'segmentation.py',
+         'segmentation.py:vit_b', 'segmentation.py:vit_l']
 
 
 def _load(path: str):
-  module_path, _, arg = path.partition(':')
-  module = config_flags.config_flags._LoadConfigModule('config', module_path)  # pylint: disable=protected-access
-  return module.get_config(arg) if arg else module.get_config()
+  return mae_jax.load_config(path)
+
+
+def _from_flag(spec: str):
+  """What `python -m mae_jax.main --config=<spec>` gets (main.py defines the flag so)."""
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                           lock_config=True)
+  flag_values(['prog', f'--config={spec}'])
+  return holder.value
+
+
+def test_every_config_file_is_listed():
+  names = {p.name for p in CONFIGS.glob('*.py') if not p.name.startswith('_')}
+  assert names == {s.partition(':')[0] for s in SPECS}
+
+
+@pytest.mark.parametrize('spec', SPECS)
+def test_load_config_gives_what_the_config_flag_gives(spec):
+  path = str(CONFIGS / spec)
+  loaded = mae_jax.load_config(path)
+  assert loaded.to_dict() == _from_flag(path).to_dict()
+  assert loaded.is_locked
+  file, _, arg = path.partition(':')
+  if arg:  # the argument after the colon or as the second parameter: the same config
+    assert mae_jax.load_config(file, arg).to_dict() == loaded.to_dict()
+
+
+def test_load_config_locks_like_the_flag_and_can_leave_unlocked():
+  config = mae_jax.load_config(CONFIGS / 'demo.py')  # a pathlib.Path works too
+  config.total_steps = 5  # existing fields are set as --config.total_steps=5 would
+  with pytest.raises(AttributeError, match='total_step'):
+    config.total_step = 5  # a misspelt field is refused, not silently added
+  unlocked = mae_jax.load_config(str(CONFIGS / 'demo.py'), lock=False)
+  unlocked.new_field = 1
+  assert unlocked.new_field == 1
+
+
+def test_load_config_bad_input(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"'configs/no_such\.py' not found"):
+    mae_jax.load_config('configs/no_such.py')
+  with pytest.raises(ValueError, match='given twice'):
+    mae_jax.load_config(str(CONFIGS / 'finetune.py:vit_b'), 'vit_l')
+  (tmp_path / 'empty.py').write_text('x = 1\n')
+  with pytest.raises(ValueError, match='has no get_config'):
+    mae_jax.load_config(str(tmp_path / 'empty.py'))
+  (tmp_path / 'none.py').write_text('def get_config():\n  pass\n')
+  with pytest.raises(ValueError, match='returned NoneType'):
+    mae_jax.load_config(str(tmp_path / 'none.py'))
+  with pytest.raises(ValueError, match="Unknown config argument 'vit_q'"):
+    mae_jax.load_config(str(CONFIGS / 'finetune.py:vit_q'))  # the file's own check
 
 
 @pytest.mark.parametrize('name,width,patch', [('vit_b', 768, 16), ('vit_l', 1024, 16), ('vit_h', 1280, 14)])

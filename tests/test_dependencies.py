@@ -147,7 +147,8 @@ def test_every_import_of_the_package_is_declared():
 
 def test_every_import_of_the_tests_is_declared_by_the_test_extra():
   available = names(declared()['']) | names(declared()['test'])
-  local = {p.stem for p in (REPO / 'tests').glob('*.py')}
+  # Modules of this repository that tests put on sys.path (tests/, benchmarks/).
+  local = {p.stem for folder in ('tests', 'benchmarks') for p in (REPO / folder).glob('*.py')}
   problems = []
   for module, places in sorted(third_party_imports(REPO / 'tests').items()):
     if module in local:

@@ -5,6 +5,7 @@ Independent references: torch's F.interpolate / BatchNorm1d, MAE's util/lars.py 
 util/lr_decay.py transliterated to torch/Python below.
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -518,6 +519,13 @@ def test_linear_probe_run_eval_only_and_resume(pretrained_dir, tiny_mae_params, 
   assert logged[-1]['step'] == 4 and logged[-1]['eval/top1'] == result['top1']
   assert logged[-1]['eval/count'] == 72  # every embedded test tile, padding excluded
   assert any('train/loss' in r for r in records)
+  # curves.png: loss, lr and the eval top-1 over steps, drawn at the checkpoints.
+  from mae_jax.io import curves
+  assert os.path.getsize(f'{workdir}/curves.png') > 0
+  panels = {ax.get_title(): {l.get_label() for l in ax.lines}
+            for ax in curves.plot_curves(records).axes if ax.get_visible()}
+  assert list(panels) == ['loss', 'lr', 'top-1'], panels
+  assert {'eval/top1', 'eval/top5'} <= panels['top-1']
 
   # The saved encoder is the pretrained one, bit for bit (frozen through training).
   params, _ = checkpoint.load_params(workdir)

@@ -151,6 +151,71 @@ def test_tfds_mock_data_sequential_and_random_access():
     assert len({im.tobytes() for im in images}) == 10  # one pass, every example once
 
 
+# ----------------------------------------------------------------------------- chosen examples
+def _eval_pass(cfg, split, image_size):
+  batches = _batches(cfg, split=split, mode='eval', image_size=image_size, global_batch_size=8)
+  return {k: np.concatenate([b[k] for b in batches]) for k in ('image', 'label', 'index')}
+
+
+def test_load_examples_equal_the_eval_stream_at_those_indices(folder):
+  root, _ = folder
+  for cfg, split in ((_folder_cfg(root), 'val'), (ip.default_dataset_config(), 'test')):
+    full = _eval_pass(cfg, split, 16)
+    indices = [5, 0, 7, 2]  # any order; the result follows it
+    got = ip.load_examples(cfg, split=split, indices=indices, image_size=16)
+    for key in ('image', 'label', 'index'):
+      np.testing.assert_array_equal(got[key], full[key][indices], err_msg=key)
+  with pytest.raises(ValueError, match=r'must be in \[0, 9\)'):
+    ip.load_examples(_folder_cfg(root), split='val', indices=[9], image_size=16)
+
+
+def test_spread_mixes_the_classes_of_a_sorted_folder_and_is_fixed_by_the_seed(tmp_path):
+  rng = np.random.default_rng(3)
+  for c in range(4):
+    class_dir = tmp_path / 'train' / f'class{c}'
+    os.makedirs(class_dir)
+    for i in range(6):
+      Image.fromarray(_smooth_image(rng, 12, 12)).save(class_dir / f'{i}.png')
+  cfg = ml_cfg(source='imagefolder', data_dir=str(tmp_path), train_split='train')
+  picks = ip.spread_examples(cfg, split='train', count=4, image_size=8, seed=0)
+  assert picks['label'].tolist() == [0, 1, 2, 3]  # the first 4 would all be class 0
+  again = ip.spread_examples(cfg, split='train', count=4, image_size=8, seed=0)
+  _assert_same(picks, again)  # a rerun or a resume shows the same images
+  # Another seed, other images; on CIFAR-10's test split (10 classes of 1,000, sorted), 8
+  # images from 8 classes whatever the seed.
+  assert len({tuple(ip.spread_indices(10_000, 8, seed)) for seed in range(5)}) == 5
+  for seed in range(20):
+    assert len(set(ip.spread_indices(10_000, 8, seed) // 1000)) == 8
+  assert ip.spread_examples(cfg, split='train', count=99, image_size=8, seed=0)['index'].tolist() \
+      == list(range(24))  # more than the split: all of it, once
+  # Only the chosen images are read: every other file may be unreadable.
+  chosen = {int(i) for i in picks['index']}
+  files = sorted(str(p) for p in (tmp_path / 'train').rglob('*.png'))
+  for i, path in enumerate(files):
+    if i not in chosen:
+      with open(path, 'wb') as f:
+        f.write(b'not an image')
+  _assert_same(ip.spread_examples(cfg, split='train', count=4, image_size=8, seed=0), picks)
+  with open(files[min(chosen)], 'wb') as f:
+    f.write(b'not an image either')
+  with pytest.raises(ValueError, match=f"Cannot read image file '{files[min(chosen)]}'"):
+    ip.spread_examples(cfg, split='train', count=4, image_size=8, seed=0)
+
+
+def test_spread_reads_only_the_first_records_of_a_sequential_source(monkeypatch):
+  monkeypatch.setattr(ip, 'SEQUENTIAL_SPREAD', 4)
+  with tfds.testing.mock_data(num_examples=10):
+    seq_cfg = ml_cfg(source='tfds', name='cifar10', tfds_read='auto')  # mocks are TFRecord
+    ra_cfg = ml_cfg(source='tfds', name='cifar10', tfds_read='random_access')
+    seq = ip.spread_examples(seq_cfg, split='test', count=2, image_size=8, seed=0)
+    ra = ip.spread_examples(ra_cfg, split='test', count=2, image_size=8, seed=0)
+    assert seq['index'].max() < 4 <= ra['index'].max()  # random access: all 10
+    full = _eval_pass(seq_cfg, 'test', 8)
+    np.testing.assert_array_equal(seq['image'], full['image'][seq['index']])
+    got = ip.load_examples(seq_cfg, split='test', indices=[9, 3], image_size=8)
+    np.testing.assert_array_equal(got['image'], full['image'][[9, 3]])
+
+
 # ----------------------------------------------------------------------------- the stream
 @pytest.fixture(scope='module')
 def embedded_run():

@@ -1,6 +1,5 @@
 """Pretraining job: recipe, schedule and weight decay vs the reference, the pmapped step,
 resume, refusal of incompatible workdirs, early errors, and the files a run leaves."""
-import importlib.util
 import json
 import math
 import os
@@ -15,8 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import mae_jax
 from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
+from mae_jax.io import curves
 from mae_jax.io import visualize
 from mae_jax.jobs import optim
 from mae_jax.jobs import pretrain
@@ -28,10 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return mae_jax.load_config(REPO / 'configs' / f'{name}.py', lock=False)
 
 
 def tree_allclose(a, b, **kw):
@@ -165,6 +163,11 @@ def test_run_writes_checkpoints_logs_pictures_and_learns(tiny_run):
   # A few real steps lower the loss, on the training stream and on the fixed held-out batch.
   assert train[-1]['loss'] < train[0]['loss']
   assert heldout[6] < 0.95 * heldout[0], heldout
+  # curves.png is drawn from metrics.jsonl: training and held-out loss, lr, grad_norm.
+  assert (workdir / 'curves.png').stat().st_size > 0
+  fig = curves.plot_curves(records)
+  assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ['loss', 'lr', 'grad_norm']
+  assert sorted(l.get_label() for l in fig.axes[0].lines) == ['heldout_loss', 'loss']
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
@@ -175,6 +178,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_run, tmp_path, 
   state = pretrain.train_and_evaluate(config, str(workdir))
   assert int(state.step[0]) == 4
   assert checkpoint.check_workdir_compatible(str(workdir), config.model.to_dict()) == 4
+  assert (workdir / 'curves.png').exists()  # drawn at the saves, not only at the end
   monkeypatch.undo()
   state = pretrain.train_and_evaluate(config, str(workdir))  # the same command again
   assert int(state.step[0]) == 6

@@ -203,6 +203,18 @@ def _sequential_records(source: sources.Source, *, train: bool, seed: int,
   return stream.map(lambda g, ex: (g, ex[0], ex[1]))
 
 
+def _finalize_fn(cfg):
+  """Batch -> batch with uint8 images normalised by the dataset mean/std."""
+  mean, std = tuple(cfg.mean), tuple(cfg.std)
+
+  def finalize(batch):
+    if batch['image'].dtype == tf.uint8:
+      batch['image'] = preprocess.normalize(batch['image'], mean, std)
+    return batch
+
+  return finalize
+
+
 class BatchIterator:
   """NumPy batches; a decoding failure is re-raised naming the example (file) that caused it."""
 
@@ -318,14 +330,8 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
     ds = ds.filter(lambda g, r, l: (g % global_batch_size) // host_batch == process_index)
     ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE)
 
-  mean, std = tuple(cfg.mean), tuple(cfg.std)
-
-  def finalize(batch):
-    if batch['image'].dtype == tf.uint8:
-      batch['image'] = preprocess.normalize(batch['image'], mean, std)
-    return batch
-
-  ds = ds.batch(host_batch, drop_remainder=True).map(finalize, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(host_batch, drop_remainder=True).map(_finalize_fn(cfg),
+                                                    num_parallel_calls=tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1
@@ -333,3 +339,84 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   positions = functools.partial(_host_positions, global_batch=global_batch_size,
                                 host_batch=host_batch, process_index=process_index)
   return BatchIterator(ds, _diagnose_fn(source, positions, train, seed), start_step)
+
+
+# ----------------------------------------------------------------------------- chosen examples
+# Sequential sources (TFDS TFRecord) spread over their first records only: a few images
+# should not read through a whole split. TFDS shuffles examples when it prepares a dataset,
+# so these records are not one class.
+SEQUENTIAL_SPREAD = 4096
+_SPREAD_SALT = 0x737072  # separates the spread's seed from the permutation seeds
+
+
+def spread_indices(num_examples: int, count: int, seed: int) -> np.ndarray:
+  """`count` sorted, distinct example indices spread evenly over `[0, num_examples)`.
+
+  Index k is `floor((k + u) * num_examples / count)` with one offset `u` in [0, 1) drawn
+  from `seed` alone: the same indices in every run and resume, one in each of `count`
+  equal stretches, `num_examples / count` apart. On a split sorted by class (an
+  ImageFolder) with equal classes, at least `count` of them, every pick is from another
+  class (CIFAR-10's test split: 8 of its 10 classes).
+  """
+  if not 0 < count <= num_examples:
+    raise ValueError(f'Cannot spread {count} examples over a split of {num_examples}: ask for '
+                     f'between 1 and {num_examples}.')
+  u = np.random.default_rng([seed, _SPREAD_SALT]).random()
+  picks = np.floor((np.arange(count) + u) * (num_examples / count)).astype(np.int64)
+  return np.minimum(picks, num_examples - 1)
+
+
+def load_examples(dataset_cfg: Any, *, split: str, indices, image_size: int
+                  ) -> Dict[str, np.ndarray]:
+  """The examples at `indices` of `split`, as 'eval' mode shows them, in the order given.
+
+  Only those examples are decoded. Random-access sources read just them; sequential ones
+  (TFDS TFRecord) read, without decoding, the records up to the largest index.
+
+  Returns:
+    {'image': float32 (K, S, S, 3) normalised, 'label': int32 (K,), 'index': int64 (K,)}.
+  """
+  cfg = _resolve_config(dataset_cfg)
+  return _load_examples(cfg, sources.open_source(cfg, split, image_size), indices, image_size)
+
+
+def spread_examples(dataset_cfg: Any, *, split: str, count: int, image_size: int, seed: int
+                    ) -> Dict[str, np.ndarray]:
+  """`count` examples of `split` at `spread_indices` (fewer if the split is smaller).
+
+  The spread covers the whole split of random-access sources and the first
+  `SEQUENTIAL_SPREAD` records of sequential ones. Returns what `load_examples` returns.
+  """
+  cfg = _resolve_config(dataset_cfg)
+  source = sources.open_source(cfg, split, image_size)
+  span = source.num_examples if source.load is not None else min(source.num_examples,
+                                                                 SEQUENTIAL_SPREAD)
+  indices = spread_indices(span, min(count, span), seed)
+  return _load_examples(cfg, source, indices, image_size)
+
+
+def _load_examples(cfg, source: sources.Source, indices, image_size: int
+                   ) -> Dict[str, np.ndarray]:
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  n = source.num_examples
+  if not len(indices) or indices.min() < 0 or indices.max() >= n:
+    raise ValueError(f'Example indices {indices.tolist()[:10]} must be in [0, {n}) for '
+                     f'{source.describe}, and at least one.')
+  unique = np.unique(indices)
+  transform = _example_transform(cfg, 'eval', image_size, seed=0)
+  element = _element_fn(transform, source.load, n, image_size, train=False, seed=0)
+  if source.load is not None:
+    ds = tf.data.Dataset.from_tensor_slices(unique).map(element)
+  else:
+    wanted = tf.constant(unique)
+    ds = _sequential_records(source, train=False, seed=0, shuffle_buffer=1, start=0,
+                             padded_total=0).take(int(unique[-1]) + 1)
+    ds = ds.filter(lambda g, raw, label: tf.reduce_any(tf.equal(g, wanted))).map(element)
+  ds = ds.batch(len(unique)).map(_finalize_fn(cfg))
+  try:
+    batch = next(ds.as_numpy_iterator())
+  except tf.errors.OpError as e:
+    diagnose = _diagnose_fn(source, lambda _: unique.tolist(), False, 0)
+    raise diagnose(0, e) from e
+  order = np.searchsorted(unique, indices)
+  return {k: batch[k][order] for k in ('image', 'label', 'index')}

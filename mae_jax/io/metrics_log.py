@@ -1,4 +1,5 @@
-"""Training logs a person watches: a progress line, TensorBoard scalars/images, metrics.jsonl.
+"""Training logs a person watches: a progress line, TensorBoard scalars/images, metrics.jsonl,
+and curves.png drawn from metrics.jsonl at each checkpoint (`TrainLogger.write_curves`).
 
 Only the main process (index 0) writes files; every process may print progress.
 `metrics.jsonl` holds one JSON object per logged step; when a run resumes from step
@@ -15,6 +16,8 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 import numpy as np
+
+from mae_jax.io import curves
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -64,11 +67,11 @@ class TrainLogger:
     self._start_time = time.time()
     self._writer: Optional[metric_writers.MetricWriter] = None
     self._jsonl = None
+    self._workdir = epath.Path(workdir)
     if is_main:
-      workdir = epath.Path(workdir)
-      workdir.mkdir(parents=True, exist_ok=True)
-      self._writer = metric_writers.SummaryWriter(str(workdir))
-      path = workdir / METRICS_FILE
+      self._workdir.mkdir(parents=True, exist_ok=True)
+      self._writer = metric_writers.SummaryWriter(str(self._workdir))
+      path = self._workdir / METRICS_FILE
       truncate_jsonl(path, start_step)
       self._jsonl = path.open('a')
 
@@ -112,6 +115,20 @@ class TrainLogger:
     """Adds a uint8 (H, W, C) image to TensorBoard."""
     if self.is_main:
       self._writer.write_images(step, {name: image[None]})
+
+  def write_curves(self) -> None:
+    """Redraws <workdir>/curves.png from metrics.jsonl (main process; call at checkpoints).
+
+    A picture is never worth a run: any failure to draw it is logged as a warning.
+    """
+    if not self.is_main:
+      return
+    try:
+      self._jsonl.flush()
+      curves.write_curves(self._workdir, METRICS_FILE)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Could not draw %s: %s: %s', self._workdir / curves.CURVES_FILE,
+                      type(e).__name__, e)
 
   def flush(self) -> None:
     if self.is_main:

@@ -5,7 +5,7 @@ first, initialises the classifier from `config.init_from` (or resumes the latest
 checkpoint in `workdir`), then runs the step (compiled as `config.parallelism` says, see
 parallel.py), evaluates top-1/top-5 on the
 eval split every `eval_every_steps` and at the end, saves orbax checkpoints and logs to
-TensorBoard and `metrics.jsonl` like pretraining. `config.eval_only=True` evaluates a
+TensorBoard, `metrics.jsonl` and `curves.png` (at each checkpoint) like pretraining. `config.eval_only=True` evaluates a
 checkpoint (`config.eval_from`, default the workdir's latest) and appends the result to
 `eval_only.jsonl`.
 
@@ -179,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     preempted = manager.reached_preemption(step)
     if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
       _save(manager, step, state, record, config, layout)
+      logger.write_curves()
     if preempted and step < total_steps:
       logging.warning('Preempted: saved step %d, stopping; rerun the same command to resume.',
                       step)

@@ -42,18 +42,12 @@ class Visualizer:
 
 
 def heldout_images(config: ml_collections.ConfigDict, image_size: int) -> np.ndarray:
-  """`num_visualize` fixed eval-split images (centre crops), spread over its first few hundred.
+  """`num_visualize` fixed eval-split images (centre crops), spread over the whole split.
 
-  Taking every k-th image rather than the first few gives pictures of different scenes
-  when the split is ordered (the embedded set's tiles come photo by photo).
+  `pipeline.spread_examples` spaces them evenly over the split with an offset drawn from
+  `config.seed`: the same images in every run and resume, from classes all over a split
+  sorted by class (an ImageFolder), and only those are decoded.
   """
-  ds, count = config.dataset, config.num_visualize
-  stride = max(1, min(pipeline.num_examples(ds, ds.eval_split) // count, 16))
-  batch = next(iter(pipeline.create_dataset(
-      ds, split=ds.eval_split, mode='eval',
-      global_batch_size=count * stride * jax.process_count(), image_size=image_size,
-      seed=config.seed)))
-  images = batch['image']
-  if 'valid' in batch:  # the last eval batch is padded
-    images = images[np.asarray(batch['valid'], bool)]
-  return images[stride // 2::stride][:count]
+  ds = config.dataset
+  return pipeline.spread_examples(ds, split=ds.eval_split, count=config.num_visualize,
+                                  image_size=image_size, seed=config.seed)['image']

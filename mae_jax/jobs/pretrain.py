@@ -361,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   `config.parallelism` runs it (replicated over the local devices under pmap).
 
   Writes into `workdir`: checkpoints/<step>/ (params, optimiser state, config), metrics.jsonl,
-  TensorBoard events and reconstructions/step_*.png.
+  curves.png (at each checkpoint), TensorBoard events and reconstructions/step_*.png.
   """
   metrics_log.quiet_library_logs()
   # 1. Everything that can be wrong with the config, devices, workdir or data fails here.
@@ -428,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                      layout.for_checkpoint(state.opt_state),
                                      config.model.to_dict(),
                                      config.to_dict())
+    logger.write_curves()
 
   def picture(step):
     if visualizer is not None:

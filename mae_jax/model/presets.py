@@ -7,6 +7,11 @@ takes; configs in `configs/` start from it and override what their experiment ch
 PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 MODELS = {
+    # ViT-Ti/16 and ViT-S/16 (DeiT's widths) with the paper's decoder: CPU-sized benchmarks.
+    'vit_ti': dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                   **PAPER_DECODER),
+    'vit_s': dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                  **PAPER_DECODER),
     'vit_b': dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                   **PAPER_DECODER),
     'vit_l': dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
