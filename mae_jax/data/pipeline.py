@@ -19,7 +19,7 @@ random access.
 """
 import functools
 import re
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import ml_collections
 import numpy as np
@@ -270,6 +270,21 @@ def _diagnose_fn(source: sources.Source, positions: Callable[[int], range], trai
   return diagnose
 
 
+def host_batch_size(global_batch_size: int, process_index: Optional[int] = None,
+                    process_count: Optional[int] = None) -> Tuple[int, int, int]:
+  """(process_index, process_count, this host's batch): JAX's process by default, checked."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'The global batch size {global_batch_size} must be a positive multiple of '
+                     f'the process count {process_count}: change config.batch_size.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is outside [0, {process_count}).')
+  return process_index, process_count, global_batch_size // process_count
+
+
 def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size: int,
                    image_size: int, seed: int, start_step: int = 0,
                    process_index: Optional[int] = None,
@@ -295,19 +310,11 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   cfg = _resolve_config(dataset_cfg)
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}: use one of {MODES}.')
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'The global batch size {global_batch_size} must be a positive multiple of '
-                     f'the process count {process_count}: change config.batch_size.')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is outside [0, {process_count}).')
+  process_index, process_count, host_batch = host_batch_size(global_batch_size, process_index,
+                                                             process_count)
   if image_size <= 0 or start_step < 0:
     raise ValueError(f'image_size ({image_size}) must be positive and start_step ({start_step}) '
                      'non-negative.')
-  host_batch = global_batch_size // process_count
   train = mode != 'eval'
   transform = _example_transform(cfg, mode, image_size, seed)
   source = sources.open_source(cfg, split, image_size)

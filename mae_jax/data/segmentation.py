@@ -281,14 +281,8 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   cfg = resolve_config(dataset_cfg)
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}: use one of {MODES}.')
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'The global batch size {global_batch_size} must be a positive multiple of '
-                     f'the process count {process_count}: change the batch size.')
-  host_batch = global_batch_size // process_count
+  process_index, process_count, host_batch = pipeline.host_batch_size(
+      global_batch_size, process_index, process_count)
   train = mode == 'train'
   source = seg_sources.open_source(cfg, split, image_size)
   n = source.num_examples
