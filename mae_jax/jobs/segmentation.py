@@ -10,6 +10,8 @@ pyramid and head at scale 1, as BEiT's and mmseg's layer-decay constructors), wa
 poly (mmcv) or cosine. It evaluates mean IoU, pixel accuracy and mean class accuracy
 over the whole eval split every `eval_every_steps` and at the end. `config.eval_only`
 evaluates a checkpoint (`eval_from`, default the workdir's latest) into eval_only.jsonl.
+Logs go to TensorBoard, `metrics.jsonl` and `curves.png` (redrawn at each checkpoint), as
+in the other jobs.
 
 Randomness: drop path is keyed by `fold_in(train_key, step)` and each example's global
 stream index, the data by the seed and the stream position: a run does not depend on the
@@ -17,8 +19,6 @@ device count and a resumed run continues exactly. Checkpoints hold the whole seg
 under `params` (`checkpoint.load_params(workdir)` gives it).
 """
 import functools
-import json
-import time
 from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 import jax
@@ -27,13 +27,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 from flax import traverse_util
 from flax.training import train_state
 
 from mae_jax.data import segmentation as seg_data
 from mae_jax.io import checkpoint
 from mae_jax.io import metrics_log
+from mae_jax.jobs import downstream
 from mae_jax.jobs import finetune
 from mae_jax.jobs import optim
 from mae_jax.jobs import parallel
@@ -43,7 +43,6 @@ from mae_jax.model import classifier as classifier_lib
 from mae_jax.model import segmenter as segmenter_lib
 from mae_jax.model.patches import to_2tuple
 
-EVAL_ONLY_FILE = 'eval_only.jsonl'
 SCHEDULES = ('poly', 'cosine')
 TrainState = train_state.TrainState
 
@@ -361,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         checkpoint.save_train_checkpoint(manager, step, layout.for_checkpoint(state.params),
                                          layout.for_checkpoint(state.opt_state), record,
                                          config.to_dict())
+        logger.write_curves()
       if preempted and step < config.total_steps:
         logging.warning('Preempted: saved step %d, stopping; rerun the same command to resume.',
                         step)
@@ -395,9 +395,5 @@ def evaluate_only(config, workdir: str, model, schedule, p_eval_step,
             **{f'eval/{k}': v for k, v in metrics.items()}}
   logging.info('Eval-only %s: mIoU %.2f, pixel accuracy %.2f on %d pixels.', ckpt_dir,
                metrics['miou'], metrics['pixel_accuracy'], int(metrics['pixels']))
-  if jax.process_index() == 0:
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    with (path / EVAL_ONLY_FILE).open('a') as f:
-      f.write(json.dumps({'time': time.time(), **result}) + '\n')
+  downstream.append_eval_only(workdir, result)
   return metrics
