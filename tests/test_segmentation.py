@@ -54,8 +54,7 @@ def test_pyramid_levels_sit_under_their_patch():
   grid = np.zeros((1, 8, 8, 16), np.float32)
   i, j = 5, 2
   grid[0, i, j] = np.random.RandomState(0).randn(16)
-  params = pyramid.init(jax.random.PRNGKey(1), grid)
-  out = jax.jit(pyramid.apply)(params, grid)
+  out, _ = jax.jit(lambda g: pyramid.init_with_output(jax.random.PRNGKey(1), g))(grid)
   for name, scale in (('p2', 4), ('p3', 2), ('p4', 1)):
     rows, cols = np.nonzero(np.abs(np.asarray(out[name][0])).sum(-1) > 1e-6)
     size = out[name].shape[1]
@@ -71,18 +70,28 @@ def test_backbone_runs_the_mae_encoder():
   block (no final norm, cls dropped), with the pretraining params."""
   enc = Encoder(img_size=32, patch_size=8, **TINY)
   images = jnp.asarray(np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32))
-  mae_params = jax.jit(enc.init)(jax.random.PRNGKey(3), images)['params']
   model = backbone_lib.ViTBackbone(img_size=32, patch_size=8, out_channels=8, strides=(8,),
                                    **TINY)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)['params']
+  pyramid = backbone_lib.SimpleFeaturePyramid(8, 8, (8,))
+  # Random values in the params' shapes (initialising costs a compilation each).
+  rs = np.random.RandomState(3)
+  randomize = lambda tree: jax.tree.map(
+      lambda x: (0.3 * rs.randn(*x.shape)).astype(x.dtype), tree)
+  mae_params = randomize(jax.eval_shape(enc.init, jax.random.PRNGKey(3), images)['params'])
+  params = randomize(jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params'])
   assert 'norm' not in params['encoder']
   params = classifier_lib.load_pretrained_encoder(params, {'encoder': mae_params}, None, (4, 4),
                                                   8)
-  tokens = enc.apply({'params': mae_params}, images, final_norm=False)
-  grid = tokens[:, 1:].reshape(2, 4, 4, 32)
-  pyramid = backbone_lib.SimpleFeaturePyramid(8, 8, (8,))
-  expected = pyramid.apply({'params': params['pyramid']}, grid)['p3']
-  np.testing.assert_allclose(model.apply({'params': params}, images)['p3'], expected, atol=1e-5)
+
+  def both(params, mae_params, images):
+    tokens = enc.apply({'params': mae_params}, images, final_norm=False)
+    grid = tokens[:, 1:].reshape(2, 4, 4, 32)
+    expected = pyramid.apply({'params': params['pyramid']}, grid)['p3']
+    return model.apply({'params': params}, images)['p3'], expected
+
+  got, expected = jax.jit(both)(params, mae_params, images)
+  assert np.abs(np.asarray(expected)).mean() > 0.1
+  np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_bad_strides_name_the_stride():
