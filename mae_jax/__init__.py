@@ -5,9 +5,10 @@ those listed above it (`tests/test_layout.py` checks it):
 
     model/    the networks: patches, sin-cos tables, masking, ViT, MAE, classifier, presets
     data/     images in, batches out: sources, tf.data pipeline, augmentation, mixup
+    evaluators/  frozen features in, numbers out: k-NN, the logistic-regression probe
     io/       what a run leaves on disk: checkpoints, metrics logs, reconstruction figures
     convert/  PyTorch checkpoints (official release, Hugging Face) in and out
-    jobs/     pretraining, linear probing, fine-tuning, their recipes and optimisers
+    jobs/     pretraining, linear probing, fine-tuning, feature extraction, recipes, optimisers
     main.py   the entry point, `python -m mae_jax.main --config=... --workdir=...`
 
 The names below are imported on first use, so `import mae_jax.data` does not load the

@@ -17,7 +17,8 @@ SPECS = ['demo.py', 'tiny.py', 'vit_b.py', 'vit_b.py:800', 'vit_l.py', 'vit_h.py
          'linear_probe.py', 'linear_probe.py:demo', 'linear_probe.py:cifar10',
          'finetune.py', 'finetune.py:vit_h', 'finetune.py:demo', 'partial_finetune.py',
          'partial_finetune.py:vit_l,4', 'partial_finetune.py:demo,k=2', 'segmentation.py',
-         'segmentation.py:vit_b', 'segmentation.py:vit_l']
+         'segmentation.py:vit_b', 'segmentation.py:vit_l',
+         'extract_features.py', 'extract_features.py:cifar10', 'extract_features.py:imagenet']
 
 
 def _load(path: str):
@@ -99,7 +100,8 @@ def test_every_config_file_loads():
   assert files
   for path in files:
     config = _load(str(path))
-    assert config.job in ('pretrain', 'linear_probe', 'finetune', 'segmentation'), path.name
+    assert config.job in ('pretrain', 'linear_probe', 'finetune', 'segmentation',
+                          'extract_features'), path.name
     assert 'model' in config, path.name
 
 

@@ -597,3 +597,68 @@ def test_bad_inputs_fail_before_training(pretrained_dir, tmp_path):
     finetune.train_and_evaluate(config, str(workdir))
   assert not (workdir / 'checkpoints').exists()
   assert not (workdir / 'metrics.jsonl').exists()
+
+
+# --- The encoder's architecture from the checkpoint ------------------------------------------
+
+def test_linear_probe_takes_the_architecture_from_the_checkpoint(pretrained_dir,
+                                                                 tiny_mae_params, tmp_path):
+  """The demo recipe's default encoder (128 wide, 4 blocks) is not the checkpoint's (64 wide,
+  2 blocks): with config.model left alone, the checkpoint's architecture is used."""
+  from mae_jax.io import checkpoint
+  from mae_jax.jobs import recipes
+  config = recipes.linear_probe_config('demo')
+  assert config.model.embed_dim is None and config.default_model.embed_dim == 128
+  config.update(dict(init_from=pretrained_dir, total_steps=2, warmup_steps=1, batch_size=16,
+                     eval_batch_size=72, eval_every_steps=2, async_checkpointing=False))
+  workdir = str(tmp_path / 'probe')
+  result = linear_probe.train_and_evaluate(config, workdir)
+  assert result['count'] == 72
+  assert config.model.embed_dim is None  # the caller's config is not modified
+  params, record = checkpoint.load_params(workdir)
+  assert {k: record[k] for k in ('embed_dim', 'depth', 'num_heads', 'img_size', 'patch_size')
+          } == dict(embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=4)
+  for key, value in flat(tiny_mae_params['encoder']).items():
+    np.testing.assert_array_equal(flat(params['encoder'])[key], value, err_msg=key)
+  # Eval-only takes it from the workdir's checkpoint.
+  config.eval_only = True
+  assert linear_probe.train_and_evaluate(config, workdir)['top1'] == result['top1']
+
+
+def test_architecture_precedence_config_then_checkpoint_then_default(pretrained_dir, tmp_path):
+  from mae_jax.io import checkpoint
+  from mae_jax.jobs import architecture, recipes
+  config = recipes.finetune_config('cifar10')
+  config.init_from = pretrained_dir
+  config.model.img_size = 48  # a resolution change: set in the config, kept
+  resolved = architecture.resolve(config, pretrained_dir)
+  assert (resolved.model.img_size, resolved.model.embed_dim, resolved.model.depth) == (48, 64, 2)
+  assert config.model.embed_dim is None
+  # No checkpoint: the recipe's default_model (the random-init baseline).
+  config.init_from = None
+  resolved = architecture.resolve(config, None)
+  assert (resolved.model.img_size, resolved.model.embed_dim, resolved.model.depth) == (48, 128, 4)
+  # Neither: the error names the fields and the fix.
+  with config.unlocked():
+    config.default_model = None
+  with pytest.raises(ValueError, match=r'config.model.patch_size, .*no checkpoint is given.*'
+                                       r'init_from'):
+    architecture.resolve(config, None)
+  bare = str(tmp_path / 'bare')
+  checkpoint.save_params(bare, {'encoder': {}}, None)
+  with pytest.raises(ValueError, match=r'stores no model config'):
+    architecture.resolve(config, bare)
+  # Set explicitly, nothing is read (a missing checkpoint would raise).
+  config.model = tiny_model_cfg()
+  assert architecture.resolve(config, str(tmp_path / 'nowhere')).model.embed_dim == 64
+
+
+def test_explicit_architecture_that_does_not_fit_the_checkpoint_is_named(pretrained_dir,
+                                                                          tmp_path):
+  from mae_jax.jobs import recipes
+  config = recipes.linear_probe_config('demo')
+  config.update(dict(init_from=pretrained_dir, total_steps=2, warmup_steps=1, batch_size=16))
+  config.model.embed_dim = 32
+  with pytest.raises(ValueError, match=r'encoder/\S+ has shape .* but .* in the config'):
+    linear_probe.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()

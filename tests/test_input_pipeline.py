@@ -397,3 +397,32 @@ def test_tfds_errors(tmp_path):
     ip.create_dataset(ml_cfg(source='tfds', name='cifar10', data_dir=str(tmp_path)),
                       split='train', mode='pretrain', global_batch_size=8, image_size=16, seed=0,
                       process_index=0, process_count=1)
+
+
+def test_eval_examples_are_the_eval_stream_at_those_indices():
+  """The k-NN monitor's fixed images: the eval crops of the chosen examples, in the order
+  asked for, as uint8; normalised, bit-identical to the eval batches."""
+  cfg = ip.default_dataset_config()
+  full = next(iter(ip.create_dataset(cfg, split='test', mode='eval', global_batch_size=80,
+                                           image_size=32, seed=0)))
+  indices = ip.spread_indices(72, 10, 0)[::-1]
+  got = ip.eval_examples(cfg, split='test', indices=indices, image_size=32)
+  assert got['image'].dtype == np.uint8
+  np.testing.assert_array_equal(got['index'], indices)
+  np.testing.assert_array_equal(got['label'], full['label'][indices])
+  np.testing.assert_array_equal(ip.normalize_images(got['image'], cfg),
+                                full['image'][indices])
+  with pytest.raises(ValueError, match=r'outside \[0, 72\)'):
+    ip.eval_examples(cfg, split='test', indices=[72], image_size=32)
+
+
+def test_eval_examples_of_a_sequential_tfds_split():
+  """TFRecord-only TFDS data: records read in order up to the last one wanted, the rest
+  skipped undecoded; the same crops as the eval stream, in the order asked for."""
+  with tfds.testing.mock_data(num_examples=10):
+    cfg = ml_cfg(source='tfds', name='cifar10', tfds_read='auto')
+    evals = _batches(cfg, split='test', mode='eval', global_batch_size=16, image_size=8)[0]
+    got = ip.eval_examples(cfg, split='test', indices=[7, 2, 5], image_size=8)
+  np.testing.assert_array_equal(got['index'], [7, 2, 5])
+  np.testing.assert_array_equal(got['label'], evals['label'][[7, 2, 5]])
+  np.testing.assert_array_equal(ip.normalize_images(got['image'], cfg), evals['image'][[7, 2, 5]])

@@ -1,10 +1,11 @@
 """The package's layering: each subpackage imports only the ones below it.
 
-    model    <- nothing of mae_jax
-    data     <- nothing of mae_jax (it knows nothing of the model)
-    io       <- model
-    convert  <- model, io
-    jobs     <- model, data, io
+    model       <- nothing of mae_jax
+    data        <- nothing of mae_jax (it knows nothing of the model)
+    evaluators  <- nothing of mae_jax (functions of feature arrays: k-NN, logistic regression)
+    io          <- model
+    convert     <- model, io
+    jobs        <- model, data, evaluators, io
     main.py  <- anything
 
 Checked twice: by importing each subpackage alone in a new interpreter and reading
@@ -28,9 +29,13 @@ PACKAGE = REPO / 'mae_jax'
 MAY_IMPORT = {
     'model': {'model'},
     'data': {'data'},
+    # Evaluation of features (k-NN, logistic regression): arrays in, numbers out, so the
+    # pretraining monitor, the extraction job and a user's notebook share it without
+    # pulling in models, data or jobs.
+    'evaluators': {'evaluators'},
     'io': {'io', 'model'},
     'convert': {'convert', 'model', 'io'},
-    'jobs': {'jobs', 'model', 'data', 'io'},
+    'jobs': {'jobs', 'model', 'data', 'evaluators', 'io'},
 }
 MAX_LINES = 500
 

@@ -367,3 +367,56 @@ def test_two_processes_train_exactly_like_one(tiny_run, tmp_path):
   losses = [{r['step']: r['loss'] for r in read_jsonl(w) if 'loss' in r}
             for w in (workdir, tiny_run['workdir'])]
   assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# --- The online k-NN monitor -------------------------------------------------------------
+
+
+def test_knn_monitor_logs_and_leaves_the_trajectory_alone(tiny_run, tmp_path):
+  """With the monitor on every 3 steps, the params after 6 steps are bit-identical to the run
+  without it, and knn_top1 lines land in metrics.jsonl at steps 0, 3 and 6."""
+  import mae_jax  # pylint: disable=g-import-not-at-top
+  from mae_jax.evaluators import knn  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'monitored'
+  config = load_config('tiny')
+  config.monitor.every_steps = 3
+  state = pretrain.train_and_evaluate(config, str(workdir))
+  monitored = pretrain.unreplicate(state.params)
+  plain = pretrain.unreplicate(tiny_run['state'].params)
+  for a, b in zip(jax.tree.leaves(monitored), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  records = read_jsonl(workdir)
+  knn_lines = {r['step']: r for r in records if 'knn_top1' in r}
+  assert sorted(knn_lines) == [0, 3, 6]
+  assert all(r['knn_seconds'] > 0 and r['knn_top1'] == r['knn_top1_mean'] for r in
+             knn_lines.values())
+  losses = [[r['loss'] for r in read_jsonl(w) if 'loss' in r] for w in (workdir,
+                                                                        tiny_run['workdir'])]
+  assert losses[0] == losses[1]
+  # The step-6 value is the k-NN of the final encoder on the embedded splits, all 8 photos
+  # (k clamped to 8) against the 72 tiles.
+  params, model_config = checkpoint.load_params(str(workdir))
+  split = {}
+  for name in ('train', 'test'):
+    batch = next(iter(pipeline.create_dataset(config.dataset, split=name, mode='eval',
+                                              global_batch_size=128, image_size=32, seed=0)))
+    split[name] = (mae_jax.features(params, batch['image'][batch['valid']], model_config,
+                                    pool='mean'), batch['label'][batch['valid']])
+  expected = knn.knn_top1(*split['train'], *split['test'], k=8)
+  assert knn_lines[6]['knn_top1'] == pytest.approx(expected)
+
+
+def test_knn_monitor_bad_config_fails_before_compiling(no_compiling, tmp_path):
+  for field, value, message in (('every_steps', -1, 'every_steps must be an integer >= 0'),
+                                ('pool', 'max', "pool='max'"),
+                                ('num_eval_examples', 0, 'num_eval_examples must be >= 1')):
+    config = load_config('tiny')
+    config.monitor[field] = value
+    with pytest.raises(ValueError, match=message):
+      pretrain.train_and_evaluate(config, str(tmp_path / 'a'))
+  config = load_config('tiny')
+  config.monitor.every_steps = 2
+  config.monitor.eval_split = 'validation'  # the embedded set has train and test
+  with pytest.raises(ValueError, match="not 'validation'"):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'a'))
+  assert not (tmp_path / 'a').exists()

@@ -427,3 +427,61 @@ def _load_examples(cfg, source: sources.Source, indices, image_size: int
     raise diagnose(0, e) from e
   order = np.searchsorted(unique, indices)
   return {k: batch[k][order] for k in ('image', 'label', 'index')}
+
+
+def eval_examples(dataset_cfg: Any, *, split: str, indices: np.ndarray, image_size: int,
+                  batch_size: int = 256) -> Dict[str, np.ndarray]:
+  """The examples at `indices` of `split` with the eval transform (resize, centre crop).
+
+  For small fixed sets read once and kept (the k-NN monitor of pretraining). Returns, in
+  the order of `indices`: 'image' uint8 (M, S, S, 3) (not normalised: `normalize_images`),
+  'label' int32 (M,), 'index' int64 (M,). Every host reads all of them.
+  """
+  cfg = _resolve_config(dataset_cfg)
+  source = sources.open_source(cfg, split, image_size)
+  n = source.num_examples
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  if len(indices) and (indices.min() < 0 or indices.max() >= n):
+    raise ValueError(f'Example indices outside [0, {n}) of {source.describe}.')
+  crop = lambda raw: preprocess.resize_and_centre_crop(raw, image_size, cfg.eval_crop_fraction)
+  wanted = np.unique(indices)
+  if source.load is not None:
+    ds = tf.data.Dataset.from_tensor_slices(wanted).map(
+        lambda i: (i,) + tuple(source.load(i)), num_parallel_calls=tf.data.AUTOTUNE)
+  else:  # sequential: read up to the last wanted record, keep the wanted ones undecoded
+    table = tf.constant(wanted)
+    last = int(wanted[-1]) if len(wanted) else -1
+
+    def keep(g, raw, label):
+      del raw, label
+      pos = tf.minimum(tf.searchsorted(table, g[None])[0], len(wanted) - 1)
+      return tf.equal(table[pos], g)
+
+    ds = source.records().enumerate().take(last + 1).map(
+        lambda g, ex: (g, ex[0], ex[1])).filter(keep)
+  ds = ds.map(lambda i, raw, label: {'image': crop(raw), 'label': tf.cast(label, tf.int32),
+                                     'index': i},
+              num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+  options = tf.data.Options()
+  options.deterministic = True
+  parts = []
+  try:
+    for batch in ds.with_options(options).as_numpy_iterator():
+      parts.append(batch)
+  except tf.errors.OpError as e:
+    raise ValueError(f'Cannot read the chosen examples of {source.describe}: '
+                     f'{_op_error_text(e)}.\nFix: replace or delete unreadable images.') from e
+  if not parts:
+    return {'image': np.zeros((0, image_size, image_size, 3), np.uint8),
+            'label': np.zeros((0,), np.int32), 'index': np.zeros((0,), np.int64)}
+  got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  order = np.searchsorted(got['index'], indices)  # `wanted` came back sorted
+  return {k: v[order] for k, v in got.items()}
+
+
+def normalize_images(images: np.ndarray, dataset_cfg: Any) -> np.ndarray:
+  """uint8 images -> float32 normalised with the dataset's mean and std, as batches are."""
+  cfg = _resolve_config(dataset_cfg)
+  mean = np.asarray(cfg.mean, np.float32) * np.float32(255.0)
+  inv_std = np.float32(1.0) / (np.asarray(cfg.std, np.float32) * np.float32(255.0))
+  return (np.asarray(images, np.float32) - mean) * inv_std

@@ -185,6 +185,19 @@ def load_params(path: str) -> Tuple[PyTree, Optional[Dict[str, Any]]]:
   return _to_numpy(params), model_config
 
 
+def load_model_config(path: str) -> Optional[Dict[str, Any]]:
+  """The stored `config.model` of the checkpoint `path` designates (as `load_params`), or
+  None when it records none; reads the small `meta` item only, not the params."""
+  meta = read_meta(resolve_checkpoint(path))
+  return None if meta is None else meta.get('model_config')
+
+
+def load_step(path: str) -> Optional[int]:
+  """The training step the checkpoint `path` designates was saved at (None if unrecorded)."""
+  meta = read_meta(resolve_checkpoint(path))
+  return None if meta is None else meta.get('step')
+
+
 # ---------------------------------------------------------------------------------------
 # Training checkpoints in a workdir.
 

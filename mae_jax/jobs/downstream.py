@@ -29,6 +29,7 @@ from flax import traverse_util
 from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
 from mae_jax.io import metrics_log
+from mae_jax.jobs import architecture
 from mae_jax.jobs import classification
 from mae_jax.jobs import optim
 from mae_jax.jobs import parallel
@@ -101,6 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   """
   metrics_log.quiet_library_logs()
   # 1. Everything that can be wrong (config, devices, checkpoints, data) fails here.
+  config = architecture.resolve(config, architecture.checkpoint_source(config, workdir))
   classification.check_config(config)
   layout = parallel.Layout(config.parallelism)
   pretrain.local_batch_size(config.batch_size)

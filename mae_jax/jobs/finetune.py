@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mae_jax.jobs import architecture
 from mae_jax.jobs import classification
 from mae_jax.jobs import layer_decay
 from mae_jax.jobs import optim
@@ -122,8 +123,13 @@ def bound_train_step(config: ml_collections.ConfigDict, num_classes: int, layout
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Runs (or resumes) full or partial fine-tuning in `workdir`; returns the final eval."""
+  """Runs (or resumes) full or partial fine-tuning in `workdir`; returns the final eval.
+
+  The encoder's architecture comes from the checkpoint unless `config.model` sets it
+  (`mae_jax.jobs.architecture`).
+  """
   from mae_jax.jobs import downstream  # pylint: disable=g-import-not-at-top
+  config = architecture.resolve(config, architecture.checkpoint_source(config, workdir))
   is_trained = trained_predicate(config)
 
   def factory(model, params, batch_stats, schedule):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mae_jax.jobs import architecture
 from mae_jax.jobs import classification
 from mae_jax.jobs.classification import AXIS, TrainState
 
@@ -88,8 +89,13 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Runs (or resumes) a linear probe in `workdir`; returns the final eval metrics."""
+  """Runs (or resumes) a linear probe in `workdir`; returns the final eval metrics.
+
+  The encoder's architecture comes from the checkpoint unless `config.model` sets it
+  (`mae_jax.jobs.architecture`).
+  """
   from mae_jax.jobs import downstream  # pylint: disable=g-import-not-at-top
+  config = architecture.resolve(config, architecture.checkpoint_source(config, workdir))
 
   def factory(model, params, batch_stats, schedule):
     return create_train_state(model, params, batch_stats, make_optimizer(config, schedule))

@@ -25,6 +25,7 @@ import optax
 from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
 from mae_jax.io import metrics_log
+from mae_jax.jobs import knn_monitor
 from mae_jax.jobs import optim
 from mae_jax.jobs import parallel
 from mae_jax.jobs import pictures
@@ -62,6 +63,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for field in ('log_every_steps', 'checkpoint_every_steps', 'visualize_every_steps'):
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {config[field]}.')
+  knn_monitor.check_config(config.monitor)
   parallel.check_mode(config.parallelism)
 
 
@@ -395,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Every process reads its own slice of the split; all must reconstruct the same images.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     vis_images = np.asarray(multihost_utils.broadcast_one_to_all(vis_images))
+  monitor = knn_monitor.KnnMonitor(config, total_steps, layout.host_state)  # reads its images once (if on)
   logging.info('Pretraining %d steps (%d warmup, %s steps/epoch), global batch %d over %d '
                'device(s) in %d process(es) (%s, %d micro-batch(es) per step), from step %d.',
                total_steps, schedule.warmup_steps, steps_per_epoch, config.batch_size,
@@ -443,6 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   batches = layout.batches(map(step_fields, train_iter), config.prefetch_batches)
   if start_step == 0:
     picture(0)
+    monitor(0, state.params, logger)
   elif start_step >= total_steps:
     logging.info('Step %d of %d reached already: nothing to train.', start_step, total_steps)
   pending = []
@@ -465,6 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logger.restart_clock(step)  # compiled and run once: speed is measured from here
       if step % config.visualize_every_steps == 0 or step == total_steps:
         picture(step)
+      monitor(step, state.params, logger)
       if save_now:
         save(step)
       if preempted and step < total_steps:

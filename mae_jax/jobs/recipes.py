@@ -13,6 +13,12 @@ last k blocks trained (Figure 9), `linear_probe_config(size)`: linear probing (p
 10). `size` is 'vit_b', 'vit_l', 'vit_h', 'demo' (the CPU demo: the model of configs/demo.py
 on the embedded photos) or 'cifar10' (the demo model on a CIFAR-10 ImageFolder: pass
 --config.dataset.data_dir).
+
+Jobs that start from a checkpoint (the downstream protocols and feature extraction) leave
+the encoder's architecture in `config.model` as None placeholders (`encoder_config()`):
+the job takes each one from the checkpoint's stored model config unless the config sets it
+(`mae_jax.jobs.architecture`); `config.default_model`, the size's architecture, serves
+where no checkpoint gives one (the random-init baseline).
 """
 from typing import Optional, Tuple
 
@@ -27,7 +33,13 @@ CONFIG_FIELDS = (
     'num_epochs', 'warmup_epochs', 'total_steps', 'warmup_steps', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
     'visualize_every_steps', 'num_visualize', 'prefetch_batches', 'init_from',
-    'grad_accum_steps', 'parallelism', 'remat')
+    'grad_accum_steps', 'parallelism', 'remat', 'monitor')
+
+# The encoder's architecture in `config.model`: what a checkpoint's stored model config gives
+# a downstream or feature-extraction job unless the config sets it.
+ARCHITECTURE_FIELDS = {'img_size': int, 'patch_size': int, 'in_chans': int, 'embed_dim': int,
+                       'depth': int, 'num_heads': int, 'mlp_ratio': float,
+                       'layer_norm_eps': float}
 
 
 def _parallelism(config: ml_collections.ConfigDict) -> None:
@@ -96,7 +108,43 @@ def pretrain_config(model_name: str, num_epochs: int = 1600, norm_pix_loss: bool
   # A params checkpoint to start from instead of a random init (e.g. a converted
   # `mae_visualize_vit_*.pth`, or an encoder-only release with a fresh decoder).
   config.init_from = None
+  config.monitor = monitor_config()
   return config
+
+
+def monitor_config() -> ml_collections.ConfigDict:
+  """`config.monitor`: the k-NN top-1 of the encoder every `every_steps` steps (0: off).
+
+  The encoder's features (all patches, no masking) of `num_train_examples` labelled images
+  of the train split (the memory bank) and `num_eval_examples` of the eval split, spread
+  evenly over each split, read once with the eval transform and kept in host memory;
+  similarity-weighted k-NN (`mae_jax.evaluators.knn`). `knn_top1` (of `pool`),
+  `knn_top1_cls` and `knn_top1_mean` go to metrics.jsonl and TensorBoard at step 0, every
+  `every_steps` and at the end. Empty dataset fields mean config.dataset's.
+  """
+  return ml_collections.ConfigDict(dict(
+      every_steps=0,
+      source='', name='', data_dir='', train_split='', eval_split='',
+      num_train_examples=5000, num_eval_examples=1000,
+      k=20, temperature=0.07, pool='mean', batch_size=256))
+
+
+def encoder_config(**fixed) -> ml_collections.ConfigDict:
+  """`config.model` of a job that starts from a checkpoint: every architecture field a None
+  placeholder (the checkpoint's value unless set), `fixed` ones set, compute dtype float32."""
+  cfg = ml_collections.ConfigDict(
+      {k: config_dict.placeholder(t) for k, t in ARCHITECTURE_FIELDS.items()})
+  cfg.dtype = 'float32'
+  unknown = set(fixed) - set(cfg)
+  if unknown:
+    raise ValueError(f'Unknown encoder field(s) {sorted(unknown)}; known: {sorted(cfg)}.')
+  cfg.update(fixed)
+  return cfg
+
+
+def architecture(model_cfg) -> ml_collections.ConfigDict:
+  """The architecture fields of a full `config.model` (e.g. a preset's)."""
+  return ml_collections.ConfigDict({k: model_cfg[k] for k in ARCHITECTURE_FIELDS})
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,6 +177,11 @@ def _dataset(size: str) -> ml_collections.ConfigDict:
                         eval_split='validation')
 
 
+def _default_model(size: str) -> ml_collections.ConfigDict:
+  return architecture(presets.model_config('small_cpu', **SMALL_MODELS[size])
+                      if size in SMALL_SIZES else presets.model_config(size))
+
+
 def _parse_size(size: str) -> str:
   if size not in PAPER_SIZES + SMALL_SIZES:
     raise ValueError(f'Unknown config argument {size!r}: use one of {PAPER_SIZES + SMALL_SIZES}, '
@@ -139,8 +192,11 @@ def _parse_size(size: str) -> str:
 def _common(size: str, job: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = job
-  config.model = (presets.model_config('small_cpu', **SMALL_MODELS[size]) if size in SMALL_SIZES
-                  else presets.model_config(size))
+  # None: the architecture of the checkpoint in init_from; set a field to override it
+  # (img_size: another resolution, the position table is interpolated).
+  config.model = encoder_config()
+  # Where no checkpoint gives an architecture (allow_random_init without init_from).
+  config.default_model = _default_model(size)
   config.dataset = _dataset(size)
   config.num_classes = config_dict.placeholder(int)  # None: from the dataset
   # A pretraining workdir, one of its checkpoints/<step> dirs, or a save_params dir
@@ -354,4 +410,50 @@ def segmentation_config(size: str) -> ml_collections.ConfigDict:
   config.base_lr = 1e-4 * 256 / 16  # lr = base_lr * batch / 256 = 1e-4 at batch 16
   config.layer_decay, config.drop_path_rate = SEGMENTATION_RECIPES[size]
   config.eval_every_steps = 16_000
+  return config
+
+
+# ---------------------------------------------------------------------------------------
+# Feature extraction.
+
+EXTRACT_DATASETS = {'demo': 'demo', 'cifar10': 'cifar10', 'imagenet': 'vit_b'}
+
+
+def knn_config() -> ml_collections.ConfigDict:
+  """k-NN evaluation (DINO's protocol): k neighbours, votes exp(cosine / temperature)."""
+  return ml_collections.ConfigDict(dict(k=20, temperature=0.07, pool='mean'))
+
+
+def extract_features_config(dataset: str = 'demo') -> ml_collections.ConfigDict:
+  """Features of a pretrained encoder on a dataset's train and eval splits, k-NN and a fast
+  logistic-regression probe on them (`mae_jax.jobs.extract_features`).
+
+  Args:
+    dataset: 'demo' (embedded photos), 'cifar10' (ImageFolder: pass
+      --config.dataset.data_dir) or 'imagenet' (TFDS imagenet2012); any other data with
+      --config.dataset.* overrides.
+  """
+  if dataset not in EXTRACT_DATASETS:
+    raise ValueError(f'Unknown config argument {dataset!r}: use one of '
+                     f'{sorted(EXTRACT_DATASETS)}, e.g. --config=configs/extract_features.py:'
+                     f'cifar10.')
+  size = EXTRACT_DATASETS[dataset]
+  config = ml_collections.ConfigDict()
+  config.job = 'extract_features'
+  config.model = encoder_config()  # None: the checkpoint's architecture
+  config.default_model = _default_model(size)  # allow_random_init without init_from
+  # config.dataset.train_split and eval_split, each to <workdir>/features_<split>.npz.
+  config.dataset = _dataset(size)
+  config.splits = 'train,eval'  # which of the two to extract ('eval': only the eval split)
+  config.init_from = config_dict.placeholder(str)
+  config.allow_random_init = False  # a randomly initialised encoder's features (baseline)
+  config.seed = 0
+  config.batch_size = 1024 if dataset == 'imagenet' else 256  # global, over all devices
+  # With labelled train and eval splits: k-NN top-1 of the eval split against the train split.
+  config.knn = knn_config()
+  # And a multinomial logistic regression on standardised features, scikit-learn's
+  # LogisticRegression(C=C) objective fitted by L-BFGS (mae_jax.evaluators.logistic).
+  config.logreg = ml_collections.ConfigDict(dict(
+      enabled=dataset != 'imagenet', C=1.0, max_iter=1000, tol=1e-5))
+  config.log_every_seconds = 30.0
   return config

@@ -302,6 +302,30 @@ def load_pretrained_encoder(params: Params, ckpt_params: Mapping[str, Any],
   return out
 
 
+def encoder_for_grid(ckpt_params: Mapping[str, Any],
+                     ckpt_model_config: Optional[Mapping[str, Any]], new_grid: Size2D,
+                     patch_size: int) -> Params:
+  """A checkpoint's encoder tree for a frozen encoder on another patch grid (resolution).
+
+  As `load_pretrained_encoder` loads it into the classifier: the stored position table, or
+  the sin-cos table of the pretraining grid, resampled bicubically to `new_grid` and put
+  in as `pos_embed` (an encoder built with `learn_pos_embed=True` reads it). The tree comes
+  back unchanged when it stores no table and the grid is the pretraining one.
+  """
+  enc = dict(pretrained_encoder(ckpt_params))
+  new_grid = to_2tuple(new_grid)
+  old_grid = None
+  if ckpt_model_config and ckpt_model_config.get('img_size') is not None:
+    old_grid = grid_size(to_2tuple(ckpt_model_config['img_size']),
+                         int(ckpt_model_config.get('patch_size', patch_size)))
+  if 'pos_embed' not in enc and old_grid in (None, new_grid):
+    return enc
+  embed_dim = int(np.shape(enc['cls_token'])[-1])
+  enc['pos_embed'] = _pretrained_pos_table(enc, ckpt_model_config, embed_dim, new_grid,
+                                           patch_size)
+  return enc
+
+
 def _pretrained_pos_table(ckpt_enc: Mapping[str, Any],
                           ckpt_model_config: Optional[Mapping[str, Any]], embed_dim: int,
                           new_grid: Tuple[int, int], patch_size: int) -> np.ndarray:

@@ -55,7 +55,15 @@ def _compiled(encoder: Encoder, pools: Tuple[str, ...], devices: Tuple[Any, ...]
     out = {'cls': tokens[:, 0], 'mean': jnp.mean(tokens[:, 1:], axis=1)}
     return {p: out[p] for p in pools}
 
-  return jax.jit(run, in_shardings=(replicated, sharded), out_shardings=sharded), replicated
+  return (jax.jit(run, in_shardings=(replicated, sharded), out_shardings=sharded), replicated,
+          sharded)
+
+
+def replicate_params(params: Mapping[str, Any]) -> Any:
+  """`params` placed on every local device as `features` places them, so that calling
+  `features` on many batches with the result copies the parameters once, not per call."""
+  mesh = Mesh(np.array(jax.local_devices()), ('batch',))
+  return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
 
 def features(params: Mapping[str, Any], images: np.ndarray, model_config: Mapping[str, Any],
@@ -89,7 +97,7 @@ def features(params: Mapping[str, Any], images: np.ndarray, model_config: Mappin
                      f'and centre-crop to that size first, normalised as in training.')
   devices = tuple(jax.local_devices())
   per_call = -(-max(1, batch_size) // len(devices)) * len(devices)
-  run, replicated = _compiled(encoder, pools, devices)
+  run, replicated, sharded = _compiled(encoder, pools, devices)
   enc_params = jax.device_put(enc_params, replicated)
   chunks = {p: [] for p in pools}
   for start in range(0, len(images), per_call):
@@ -97,7 +105,8 @@ def features(params: Mapping[str, Any], images: np.ndarray, model_config: Mappin
     n = len(chunk)
     if n < per_call:
       chunk = np.concatenate([chunk, np.zeros((per_call - n,) + chunk.shape[1:], np.float32)])
-    out = run(enc_params, chunk)
+    # Placed explicitly: jit refuses NumPy inputs for a sharding in a multi-process run.
+    out = run(enc_params, jax.device_put(chunk, sharded))
     for p in pools:
       chunks[p].append(np.asarray(out[p])[:n])
   dim = int(model_config['embed_dim'])
