@@ -27,6 +27,8 @@ _API = {  # public name -> the module that defines it
     'mae_loss': 'mae_jax.model.mae',
     'normalize_patches': 'mae_jax.model.mae',
     'Encoder': 'mae_jax.model.vit',
+    'ViTBackbone': 'mae_jax.model.backbone',
+    'Segmenter': 'mae_jax.model.segmenter',
     'features': 'mae_jax.model.features',
     'load_config': 'mae_jax.jobs.config_file',
     'random_masking': 'mae_jax.model.masking',

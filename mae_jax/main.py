@@ -5,7 +5,7 @@ Example: `python -m mae_jax.main --config=configs/demo.py --workdir=/tmp/mae_dem
 `--config` is an ml_collections config file (with an optional `:arg` for configs that
 take one, e.g. `configs/finetune.py:vit_b`); any field can be overridden on the command
 line (`--config.batch_size=256`). `config.job` picks the job: 'pretrain',
-'linear_probe', 'finetune' or 'extract_features'. In Python,
+'linear_probe', 'finetune', 'segmentation' or 'extract_features'. In Python,
 `mae_jax.load_config('configs/finetune.py:vit_b')` gives the config this flag gives
 (tests/test_configs.py compares them for every file). Rerunning the same command resumes
 from the latest checkpoint in `--workdir`.
@@ -31,6 +31,7 @@ JOBS = {
     'pretrain': 'mae_jax.jobs.pretrain',
     'linear_probe': 'mae_jax.jobs.linear_probe',
     'finetune': 'mae_jax.jobs.finetune',
+    'segmentation': 'mae_jax.jobs.segmentation',
     'extract_features': 'mae_jax.jobs.extract_features',
 }
 

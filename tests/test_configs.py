@@ -5,6 +5,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import traverse_util
 from ml_collections import config_flags
 
 import mae_jax
@@ -15,7 +16,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 SPECS = ['demo.py', 'tiny.py', 'vit_b.py', 'vit_b.py:800', 'vit_l.py', 'vit_h.py:800',
          'linear_probe.py', 'linear_probe.py:demo', 'linear_probe.py:cifar10',
          'finetune.py', 'finetune.py:vit_h', 'finetune.py:demo', 'partial_finetune.py',
-         'partial_finetune.py:vit_l,4', 'partial_finetune.py:demo,k=2',
+         'partial_finetune.py:vit_l,4', 'partial_finetune.py:demo,k=2', 'segmentation.py',
+         'segmentation.py:vit_b', 'segmentation.py:vit_l',
          'extract_features.py', 'extract_features.py:cifar10', 'extract_features.py:imagenet']
 
 
@@ -98,5 +100,38 @@ def test_every_config_file_loads():
   assert files
   for path in files:
     config = _load(str(path))
-    assert config.job in ('pretrain', 'linear_probe', 'finetune', 'extract_features'), path.name
+    assert config.job in ('pretrain', 'linear_probe', 'finetune', 'segmentation',
+                          'extract_features'), path.name
     assert 'model' in config, path.name
+
+
+@pytest.mark.parametrize('size,width,depth,decay,drop_path', [('vit_b', 768, 12, 0.65, 0.1),
+                                                              ('vit_l', 1024, 24, 0.75, 0.2)])
+def test_segmentation_configs_build_at_512(size, width, depth, decay, drop_path):
+  """The ADE20K configs (mmseg's MAE recipe: 512 px, batch 16, 160k iterations, lr 1e-4,
+  poly after 1500 warmup iterations) build the segmenter at full size, abstractly."""
+  from mae_jax.jobs import layer_decay
+  from mae_jax.jobs import optim
+  from mae_jax.jobs import segmentation
+  config = _load(str(CONFIGS / 'segmentation.py') + ':' + size)
+  assert config.job == 'segmentation' and config.num_classes == 150
+  assert (config.model.img_size, config.model.embed_dim, config.model.depth) == (512, width, depth)
+  assert config.dataset.source == 'folder' and config.dataset.reduce_zero_label
+  assert (config.dataset.train_split, config.dataset.eval_split) == ('training', 'validation')
+  assert (config.batch_size, config.total_steps, config.warmup_steps) == (16, 160_000, 1500)
+  assert optim.scaled_lr(config.base_lr, config.batch_size) == pytest.approx(1e-4)
+  assert (config.layer_decay, config.drop_path_rate, config.schedule) == (decay, drop_path, 'poly')
+  config.allow_random_init = True
+  segmentation.check_config(config)
+  model = segmentation.build_model(config, config.num_classes)
+  params = jax.eval_shape(segmentation.init_params, model, jax.random.PRNGKey(0))
+  assert params['encoder']['pos_embed'].shape == (1, 1 + 32 * 32, width)
+  encoder_size = sum(x.size for x in jax.tree.leaves(params['encoder']))
+  assert encoder_size == pytest.approx({'vit_b': 86e6, 'vit_l': 304e6}[size], rel=0.01)
+  logits = jax.eval_shape(lambda p, x: model.apply({'params': p}, x), params,
+                          jax.ShapeDtypeStruct((2, 512, 512, 3), jnp.float32))
+  assert logits.shape == (2, 512, 512, 150)
+  scales = traverse_util.flatten_dict(layer_decay.layer_lr_scales(params, depth, decay))
+  assert scales[('encoder', 'patch_embed', 'kernel')] == pytest.approx(decay ** (depth + 1))
+  assert scales[('encoder', 'blocks_0', 'attn', 'qkv', 'kernel')] == pytest.approx(decay ** depth)
+  assert {v for k, v in scales.items() if k[0] in ('pyramid', 'head')} == {1.0}

@@ -9,24 +9,22 @@ materialised), and its augmentation is drawn from stateless ops seeded by `(seed
 therefore depend on neither the host nor the device count, and `start_step=k` computes where
 step `k` starts instead of decoding and discarding the steps before it.
 
-Sources with random access (ImageFolder, embedded photos, TFDS datasets stored as
-array_record) follow that scheme exactly. TFDS datasets stored only as TFRecord files are read
-sequentially: each epoch is the file-order stream shuffled by a buffer seeded by `(seed, e)`;
-every host reads every record and keeps its slice before decoding (reading costs scale with
-the host count), and resuming reads and drops the records before `start_step` within the
-epoch (no decoding). Prepare big datasets with `tfds build --file_format=array_record` to get
-random access.
+Sources with random access (ImageFolder, embedded photos, TFDS datasets stored as array_record)
+follow that scheme exactly. TFDS datasets stored only as TFRecord files are read sequentially:
+each epoch is the file-order stream shuffled by a buffer seeded by `(seed, e)`; every host reads
+every record and keeps its slice before decoding (reading costs scale with the host count), and
+resuming reads and drops the records before `start_step` within the epoch (no decoding). Prepare
+big datasets with `tfds build --file_format=array_record` to get random access.
 
 Unreadable images (`config.dataset.bad_images`): 'error' stops naming the file. 'skip' (random
 access only) replaces each unreadable training example by the first readable one among
 `unreadable.MAX_REPLACEMENTS` (8) candidates, the examples that follow it in its epoch's
 permutation (fixed by the seed and the stream position, so a resumed run sees the same
-replacement), and drops unreadable evaluation examples (`valid`
-False). Only the examples found unreadable so far take that slower path; until the first
-failure the pipeline is the plain one (`mae_jax.data.unreadable`).
+replacement), and drops unreadable evaluation examples (`valid` False). Only the examples found
+unreadable so far take that slower path (`mae_jax.data.unreadable`).
 """
 import functools
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import ml_collections
 import numpy as np
@@ -42,7 +40,7 @@ try:
 except (RuntimeError, ValueError):  # Already initialised (e.g. by the caller): leave it.
   pass
 
-SOURCES = ('tfds', 'imagefolder', 'embedded')
+SOURCES = ('tfds', 'imagefolder', 'embedded', 'scenes')
 MODES = ('pretrain', 'linear_probe', 'finetune', 'eval')
 TFDS_READ_MODES = ('auto', 'random_access', 'sequential')
 BAD_IMAGES = ('error', 'skip')
@@ -76,6 +74,8 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     replaces it (training; deterministically, so resuming stays exact) or drops it
     (evaluation), logs its name and counts it. Needs random access. Valid images in any
     colour mode (grey, RGBA, palette, 16 bit, CMYK) and a PNG named .jpg are decoded either way.
+  scenes_train / scenes_eval / scene_size / scenes_seed: source 'scenes' (mae_jax.data.scenes
+    as images, label = the largest shape's kind): scenes per split, pixels (0: output size), seed.
   """
   return ml_collections.ConfigDict(dict(
       source='embedded', name='', data_dir='', manual_dir='', download=False,
@@ -85,7 +85,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       crop_ratio=preprocess.CROP_RATIO, eval_crop_fraction=0.875,
       rand_augment_num_ops=2, rand_augment_magnitude=9, rand_augment_magnitude_std=0.5,
       random_erase_prob=0.25, tfds_read='auto', shuffle_buffer=16384, embedded_eval_grid=3,
-      bad_images='error'))
+      bad_images='error', scenes_train=512, scenes_eval=128, scene_size=0, scenes_seed=0))
 
 
 def _resolve_config(dataset_cfg: Any) -> ml_collections.ConfigDict:
@@ -121,7 +121,7 @@ def num_classes(dataset_cfg: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the stream
-def _example_id(position: tf.Tensor, n: int, seed) -> tf.Tensor:
+def example_id(position: tf.Tensor, n: int, seed: int) -> tf.Tensor:
   """Example shown at a training stream position: `perm_epoch[position % n]`."""
   if n == 1:
     return tf.zeros_like(position)
@@ -184,7 +184,7 @@ def _element_fn(transform, load, n: int, image_size: int, train: bool, seed: int
       elif example is not None:
         r, l = load(example)
       else:
-        r, l = load(_example_id(position, n, seed) if train else tf.minimum(position, n - 1))
+        r, l = load(example_id(position, n, seed) if train else tf.minimum(position, n - 1))
       return transform(r, position), tf.cast(l, tf.int32)
 
     if train:
@@ -203,14 +203,14 @@ def _candidate_id(position: tf.Tensor, k: tf.Tensor, n: int, seed: int) -> tf.Te
   in the same epoch's permutation, wrapping (k = 0: the stream's own). So the first `n`
   candidates of a position are distinct examples, whatever the seed."""
   epoch_start = (position // n) * n
-  return _example_id(epoch_start + (position % n + k) % n, n, seed)
+  return example_id(epoch_start + (position % n + k) % n, n, seed)
 
 
 def _example_at(position: int, *, n: int, train: bool, seed: int) -> Optional[int]:
   """The example id at a stream position (eval padding: None), computed eagerly."""
   if not train:
     return position if position < n else None
-  return int(_example_id(tf.constant(position, tf.int64), n, seed))
+  return int(example_id(tf.constant(position, tf.int64), n, seed))
 
 
 def _examples_tried(position: int, k: int, *, n: int, train: bool, seed: int) -> List[int]:
@@ -255,6 +255,21 @@ def _finalize_fn(cfg):
   return finalize
 
 
+def host_batch_size(global_batch_size: int, process_index: Optional[int] = None,
+                    process_count: Optional[int] = None) -> Tuple[int, int, int]:
+  """(process_index, process_count, this host's batch): JAX's process by default, checked."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'The global batch size {global_batch_size} must be a positive multiple of '
+                     f'the process count {process_count}: change config.batch_size.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is outside [0, {process_count}).')
+  return process_index, process_count, global_batch_size // process_count
+
+
 def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size: int,
                    image_size: int, seed: int, start_step: int = 0,
                    process_index: Optional[int] = None,
@@ -280,19 +295,11 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   cfg = _resolve_config(dataset_cfg)
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}: use one of {MODES}.')
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'The global batch size {global_batch_size} must be a positive multiple of '
-                     f'the process count {process_count}: change config.batch_size.')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is outside [0, {process_count}).')
+  process_index, process_count, host_batch = host_batch_size(global_batch_size, process_index,
+                                                             process_count)
   if image_size <= 0 or start_step < 0:
     raise ValueError(f'image_size ({image_size}) must be positive and start_step ({start_step}) '
                      'non-negative.')
-  host_batch = global_batch_size // process_count
   train = mode != 'eval'
   transform = _example_transform(cfg, mode, image_size, seed)
   source = sources.open_source(cfg, split, image_size)
@@ -308,7 +315,7 @@ def create_dataset(dataset_cfg: Any, *, split: str, mode: str, global_batch_size
   finalize = _finalize_fn(cfg)
 
   if train:
-    example_of = lambda position: _example_id(position, n, seed)
+    example_of = lambda position: example_id(position, n, seed)
     candidate = lambda position, k: _candidate_id(position, k, n, seed)
   else:
     example_of = lambda position: tf.minimum(position, n - 1)
@@ -460,8 +467,7 @@ def eval_examples(dataset_cfg: Any, *, split: str, indices: np.ndarray, image_si
     table = tf.constant(wanted)
     last = int(wanted[-1]) if len(wanted) else -1
 
-    def keep(g, raw, label):
-      del raw, label
+    def keep(g, *unused_raw_and_label):
       pos = tf.minimum(tf.searchsorted(table, g[None])[0], len(wanted) - 1)
       return tf.equal(table[pos], g)
 
@@ -472,13 +478,12 @@ def eval_examples(dataset_cfg: Any, *, split: str, indices: np.ndarray, image_si
               num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
   options = tf.data.Options()
   options.deterministic = True
-  parts = []
   try:
-    for batch in ds.with_options(options).as_numpy_iterator():
-      parts.append(batch)
+    parts = list(ds.with_options(options).as_numpy_iterator())
   except tf.errors.OpError as e:
     raise ValueError(f'Cannot read the chosen examples of {source.describe}: '
-                     f'{unreadable.op_error_text(e)}.\nFix: replace or delete unreadable images.') from e
+                     f'{unreadable.op_error_text(e)}.\nFix: replace or delete unreadable '
+                     'images.') from e
   if not parts:
     return {'image': np.zeros((0, image_size, image_size, 3), np.uint8),
             'label': np.zeros((0,), np.int32), 'index': np.zeros((0,), np.int64)}

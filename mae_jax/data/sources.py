@@ -1,4 +1,5 @@
-"""Dataset sources with a split's size and how to read it: ImageFolder, embedded photos, TFDS.
+"""Dataset sources with a split's size and how to read it: ImageFolder, embedded photos, TFDS,
+and the synthetic segmentation scenes (mae_jax.data.scenes) as labelled images.
 
 A `Source` either has random access, `load(example_id) -> (raw, label)` as TF ops, or is read
 sequentially, `records() -> tf.data.Dataset` of `(raw, label)` in a fixed order. A raw image
@@ -159,6 +160,29 @@ def _embedded_source(cfg, split: str, image_size: int) -> Source:
                  example_name=lambda i: f'embedded example {i}')
 
 
+# ----------------------------------------------------------------------------- scenes
+def scene_count(cfg, split: str) -> int:
+  from mae_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  if split not in scenes.SPLITS:
+    raise ValueError(f'The synthetic scenes have splits {scenes.SPLITS}, not {split!r}: set '
+                     'config.dataset.train_split/eval_split accordingly.')
+  return int(cfg.scenes_train if split == 'train' else cfg.scenes_eval)
+
+
+def _scenes_source(cfg, split: str, image_size: int) -> Source:
+  from mae_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  images, masks = scenes.generate(split, scene_count(cfg, split),
+                                  int(cfg.scene_size or image_size), int(cfg.scenes_seed))
+  image_table = tf.constant(images)
+  label_table = tf.constant(scenes.classify(masks))
+
+  def load(idx):
+    return tf.gather(image_table, idx), tf.gather(label_table, idx)
+
+  return Source(len(images), f'synthetic scenes ({split})', load=load,
+                 example_name=lambda i: f'synthetic scene {i} of {split!r}')
+
+
 # ----------------------------------------------------------------------------- TFDS
 def _tfds_builder(cfg):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -262,6 +286,8 @@ def open_source(cfg, split: str, image_size: int) -> Source:
     return _embedded_source(cfg, split, image_size)
   if cfg.source == 'imagefolder':
     return _image_folder_source(cfg, split)
+  if cfg.source == 'scenes':
+    return _scenes_source(cfg, split, image_size)
   return _tfds_source(cfg, split)
 
 
@@ -273,14 +299,20 @@ def split_size(cfg, split: str) -> int:
     return len(EMBEDDED_PHOTOS) * per_photo
   if cfg.source == 'imagefolder':
     return len(_image_folder_split(cfg.data_dir, split, cfg.train_split)[1])
+  if cfg.source == 'scenes':
+    return scene_count(cfg, split)
   size = _tfds_split_size(cfg, _tfds_builder(cfg), split)
   return size if size is not None else _tfds_source(cfg, split).num_examples
 
 
 def class_count(cfg) -> int:
-  """Number of label classes (embedded: one per photo; ImageFolder: train split's class dirs)."""
+  """Number of label classes (embedded: one per photo; ImageFolder: train split's class dirs;
+  scenes: one per shape kind)."""
   if cfg.source == 'embedded':
     return len(EMBEDDED_PHOTOS)
+  if cfg.source == 'scenes':
+    from mae_jax.data import scenes  # pylint: disable=g-import-not-at-top
+    return len(scenes.SHAPES)
   if cfg.source == 'imagefolder':
     return len(_image_folder_split(cfg.data_dir, cfg.train_split, cfg.train_split)[0])
   label = _tfds_builder(cfg).info.features[cfg.label_key]

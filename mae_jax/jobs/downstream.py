@@ -254,12 +254,17 @@ def evaluate_only(config, workdir: str, model, make_state, p_eval_step, rng,
             **{f'eval/{k}': v for k, v in metrics.items()}}
   logging.info('Eval-only %s: top-1 %.2f%%, top-5 %.2f%% on %d examples.', ckpt_dir,
                metrics['top1'], metrics['top5'], int(metrics['count']))
+  append_eval_only(workdir, result)
+  return metrics
+
+
+def append_eval_only(workdir: str, result: Dict[str, Any]) -> None:
+  """Appends an eval-only `result` (with the time) to <workdir>/eval_only.jsonl (main process)."""
   if jax.process_index() == 0:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     with (path / EVAL_ONLY_FILE).open('a') as f:
       f.write(json.dumps({'time': time.time(), **result}) + '\n')
-  return metrics
 
 
 def _select_like(expected: Dict[str, Any], loaded: Dict[str, Any], source: str

@@ -1,4 +1,5 @@
-"""Optimiser pieces of the MAE recipes: lr scaling, warmup + cosine, weight-decay mask, AdamW.
+"""Optimiser pieces of the MAE recipes: lr scaling, warmup + cosine or poly, weight-decay mask,
+AdamW.
 
 The reference sets the learning rate per iteration (`util/lr_sched.adjust_learning_rate`
 called with the fractional epoch), so in steps: linear warmup from 0 over
@@ -60,6 +61,44 @@ def warmup_cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int,
     raise ValueError(f'Need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) '
                      f'and total_steps > 0: shorten the warmup or train longer.')
   return WarmupCosine(float(base_lr), int(warmup_steps), int(total_steps), float(min_lr))
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupPoly:
+  """mmcv's `poly` policy with `linear` warmup, per iteration (the segmentation recipes).
+
+  At step s (updates done before this one): `regular = (base_lr - min_lr) * (1 - s /
+  total_steps) ** power + min_lr`; during the first `warmup_steps` it is multiplied by
+  `1 - (1 - s / warmup_steps) * (1 - warmup_ratio)` (mmcv's LinearWarmup of the regular lr).
+  """
+  base_lr: float
+  warmup_steps: int
+  total_steps: int
+  power: float = 1.0
+  min_lr: float = 0.0
+  warmup_ratio: float = 1e-6
+
+  def __call__(self, step):
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip(1.0 - step / max(self.total_steps, 1), 0.0, 1.0)
+    regular = (self.base_lr - self.min_lr) * progress ** self.power + self.min_lr
+    # 1 - (1 - s / w) * (1 - ratio), written so that float32 keeps the small first values.
+    factor = self.warmup_ratio + (1.0 - self.warmup_ratio) * step / max(self.warmup_steps, 1)
+    return jnp.where(step < self.warmup_steps, regular * factor, regular)
+
+
+def warmup_poly_schedule(base_lr: float, warmup_steps: int, total_steps: int,
+                         power: float = 1.0, min_lr: float = 0.0,
+                         warmup_ratio: float = 1e-6) -> optax.Schedule:
+  """`WarmupPoly` after checking its arguments (see there)."""
+  if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+    raise ValueError(f'Need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) '
+                     f'and total_steps > 0: shorten the warmup or train longer.')
+  if power <= 0 or not 0 < warmup_ratio <= 1:
+    raise ValueError(f'Need power > 0 (got {power}) and 0 < warmup_ratio <= 1 (got '
+                     f'{warmup_ratio}).')
+  return WarmupPoly(float(base_lr), int(warmup_steps), int(total_steps), float(power),
+                    float(min_lr), float(warmup_ratio))
 
 
 def _leaf_name(path) -> str:

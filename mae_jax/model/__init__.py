@@ -7,5 +7,7 @@
     mae.py        `MaskedAutoencoder`: encoder on visible patches, decoder, masked-pixel loss
     classifier.py the encoder with a head for the downstream protocols; position-table resizing
     presets.py    ViT-B/L/H and the small sizes for CPUs
+    backbone.py   `ViTBackbone`: the encoder on all patches + ViTDet's simple feature pyramid
+    segmenter.py  `Segmenter`: backbone + semantic FPN head; pixel loss, confusion counts
     features.py   `features`: pooled encoder features of unmasked images, on all local devices
 """
