@@ -21,6 +21,7 @@ def test_flop_count_of_vit_l_is_the_known_124_gflop_per_image():
   assert bench_train_step.train_flops_per_image(baseline) > 3 * 124e9
 
 
+@pytest.mark.slow  # a real benchmark run with the PyTorch yardstick: `pytest -m slow`
 def test_benchmark_times_the_job_step_and_the_yardstick(tmp_path):
   out = tmp_path / 'r.jsonl'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

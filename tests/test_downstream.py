@@ -424,6 +424,7 @@ def test_drop_path_is_keyed_by_example_index():
   np.testing.assert_array_equal(np.asarray(drop.apply({}, x, True, ids)), x)
 
 
+@pytest.mark.slow  # the step on another device count: `pytest -m slow`
 def test_finetune_step_with_drop_path_8_devices_equals_1_device():
   """Drop path keyed per example: a strong rate gives the same step on 8 devices and on 1."""
   # A large head init: the loss then depends on the features, hence on the drop masks.

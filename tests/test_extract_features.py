@@ -147,6 +147,7 @@ def test_random_init_baseline_uses_the_default_model(tmp_path):
   assert 'knn_top1' not in result  # one split: nothing to classify
 
 
+@pytest.mark.slow  # two processes: `pytest -m slow`
 def test_two_processes_write_the_same_files_as_one(pretrained, tmp_path):
   """Two processes x 2 devices (jax.distributed over gloo), global batch 16 = 8 per host."""
   path, _ = pretrained

@@ -307,6 +307,7 @@ def _step_setup(config):
   return schedule, fns, state, stream
 
 
+@pytest.mark.slow  # the run on another device count: `pytest -m slow`
 def test_pmap_over_8_devices_equals_one_device(tiny_run):
   assert jax.local_device_count() == 8
   schedule, fns, state, stream = _step_setup(tiny_run['config'])

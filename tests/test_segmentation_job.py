@@ -86,6 +86,7 @@ def test_run_logs_eval_and_eval_only_reproduces_it(finished_run, pretrained_dir)
   assert record['step'] == 4 and record['eval/miou'] == result['miou']
 
 
+@pytest.mark.slow  # resumed in another parallelism mode: `pytest -m slow`
 def test_resume_on_a_global_batch_reaches_the_uninterrupted_params(finished_run, tmp_path):
   """Steps 3-4 resumed from the step-2 checkpoint under jit over a device mesh ('data': the
   body sees the whole batch) reach the params of the uninterrupted pmap run (8 shards of one
