@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from mae_jax.data import scenes as scenes_lib
+from mae_jax.data import sources
 from mae_jax.data.sources import scene_count
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -103,47 +104,17 @@ def folder_source(cfg, split: str) -> SegSource:
 
 
 # ----------------------------------------------------------------------------- TFDS
-def _tfds_builder(cfg):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if not cfg.name:
-    raise ValueError("config.dataset.name is empty: set the TFDS name, e.g. 'scene_parse150'.")
-  try:
-    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown TFDS dataset {cfg.name!r}: check config.dataset.name.') from e
-  if cfg.download:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=cfg.manual_dir or None))
-  for key in (cfg.image_key, cfg.mask_key):
-    feature = builder.info.features[key] if key in builder.info.features else None
-    if not isinstance(feature, tfds.features.Image):
-      raise ValueError(f'TFDS dataset {cfg.name!r} has no image feature {key!r} (features: '
-                       f'{list(builder.info.features)}): set config.dataset.image_key/mask_key.')
-  return builder
-
-
-def _tfds_not_prepared(cfg, builder) -> Exception:
-  return FileNotFoundError(
-      f'TFDS dataset {cfg.name!r} is not prepared in {builder.data_dir!r}. Fix: set '
-      f'config.dataset.download=True, or run `tfds build {cfg.name} --data_dir=<data_dir>` '
-      '(add --file_format=array_record for random access), or point config.dataset.data_dir '
-      'at the directory that holds it.')
-
-
 def tfds_source(cfg, split: str) -> SegSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _tfds_builder(cfg)
+  fields = ('image_key', 'mask_key')
+  builder = sources.tfds_builder(cfg, key_fields=fields, image_fields=fields)
   decoders = {cfg.image_key: tfds.decode.SkipDecoding(), cfg.mask_key: tfds.decode.SkipDecoding()}
   describe = f'TFDS {cfg.name}[{split}]'
-  formats = [builder.info.file_format] + list(getattr(builder.info, 'alternative_file_formats',
-                                                      []))
-  random_access = (cfg.tfds_read == 'random_access' or (
-      cfg.tfds_read == 'auto' and any(getattr(f, 'value', f) == 'array_record' for f in formats)))
-  if random_access:
+  if sources.tfds_random_access(cfg, builder):
     try:
       data = builder.as_data_source(split=split, decoders=decoders)
     except (AssertionError, FileNotFoundError, NotImplementedError) as e:
-      raise _tfds_not_prepared(cfg, builder) from e
+      raise sources.tfds_not_prepared(cfg, builder) from e
     keys = (cfg.image_key, cfg.mask_key)
 
     def fetch(idx):
@@ -161,9 +132,9 @@ def tfds_source(cfg, split: str) -> SegSource:
   try:
     records = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
   except AssertionError as e:
-    raise _tfds_not_prepared(cfg, builder) from e
+    raise sources.tfds_not_prepared(cfg, builder) from e
   records = records.map(lambda ex: (ex[cfg.image_key], ex[cfg.mask_key]))
-  size = builder.info.splits[split].num_examples if builder.info.splits else None
+  size = sources.tfds_split_size(cfg, builder, split)
   if not size:
     size = int(records.cardinality())
     if size < 0:

@@ -184,7 +184,10 @@ def _scenes_source(cfg, split: str, image_size: int) -> Source:
 
 
 # ----------------------------------------------------------------------------- TFDS
-def _tfds_builder(cfg):
+def tfds_builder(cfg, key_fields: Tuple[str, ...] = ('image_key', 'label_key'),
+                 image_fields: Tuple[str, ...] = ('image_key',)):
+  """The TFDS builder of `cfg.name` (prepared first with `cfg.download`), checked to hold the
+  features that `cfg.<key_fields>` name, `cfg.<image_fields>` as images."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not cfg.name:
     raise ValueError("config.dataset.name is empty: set the TFDS name, e.g. 'imagenet2012'.")
@@ -201,16 +204,18 @@ def _tfds_builder(cfg):
       raise FileNotFoundError(
           f'TFDS could not prepare {cfg.name!r}: {e}\nFix: put the files it names in '
           'config.dataset.manual_dir.') from e
-  for key in (cfg.image_key, cfg.label_key):
-    if key not in builder.info.features:
-      raise ValueError(f'TFDS dataset {cfg.name!r} has no feature {key!r} (features: '
-                       f'{list(builder.info.features)}): set config.dataset.image_key/label_key.')
-  if not isinstance(builder.info.features[cfg.image_key], tfds.features.Image):
-    raise ValueError(f'Feature {cfg.image_key!r} of {cfg.name!r} is not a tfds.features.Image.')
+  for field in key_fields:
+    if cfg[field] not in builder.info.features:
+      raise ValueError(f'TFDS dataset {cfg.name!r} has no feature {cfg[field]!r} (features: '
+                       f'{list(builder.info.features)}): set config.dataset.'
+                       f'{"/".join(key_fields)}.')
+  for field in image_fields:
+    if not isinstance(builder.info.features[cfg[field]], tfds.features.Image):
+      raise ValueError(f'Feature {cfg[field]!r} of {cfg.name!r} is not a tfds.features.Image.')
   return builder
 
 
-def _not_prepared(cfg, builder) -> Exception:
+def tfds_not_prepared(cfg, builder) -> Exception:
   manual = ''
   if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
     manual = (f' {cfg.name} needs a manual download first: put its files in '
@@ -224,7 +229,7 @@ def _not_prepared(cfg, builder) -> Exception:
       f'or point config.dataset.data_dir at the directory that holds it.{manual}')
 
 
-def _tfds_split_size(cfg, builder, split: str) -> Optional[int]:
+def tfds_split_size(cfg, builder, split: str) -> Optional[int]:
   """Example count from the dataset info; None when the info has no splits (mocked data)."""
   if not builder.info.splits:
     return None
@@ -236,7 +241,7 @@ def _tfds_split_size(cfg, builder, split: str) -> Optional[int]:
                      ) from e
 
 
-def _tfds_random_access(cfg, builder) -> bool:
+def tfds_random_access(cfg, builder) -> bool:
   if cfg.tfds_read != 'auto':
     return cfg.tfds_read == 'random_access'
   formats = [builder.info.file_format] + list(getattr(builder.info, 'alternative_file_formats', []))
@@ -245,15 +250,15 @@ def _tfds_random_access(cfg, builder) -> bool:
 
 def _tfds_source(cfg, split: str) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _tfds_builder(cfg)
-  size = _tfds_split_size(cfg, builder, split)
+  builder = tfds_builder(cfg)
+  size = tfds_split_size(cfg, builder, split)
   decoders = {cfg.image_key: tfds.decode.SkipDecoding()}
   describe = f'TFDS {cfg.name}[{split}]'
-  if _tfds_random_access(cfg, builder):
+  if tfds_random_access(cfg, builder):
     try:
       data_source = builder.as_data_source(split=split, decoders=decoders)
     except (AssertionError, FileNotFoundError, NotImplementedError) as e:
-      raise _not_prepared(cfg, builder) from e
+      raise tfds_not_prepared(cfg, builder) from e
     image_key, label_key = cfg.image_key, cfg.label_key
 
     def fetch(idx):
@@ -271,7 +276,7 @@ def _tfds_source(cfg, split: str) -> Source:
   try:
     records = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
   except AssertionError as e:
-    raise _not_prepared(cfg, builder) from e
+    raise tfds_not_prepared(cfg, builder) from e
   records = records.map(lambda ex: (ex[cfg.image_key], ex[cfg.label_key]))
   if size is None:
     size = int(records.cardinality())
@@ -301,7 +306,7 @@ def split_size(cfg, split: str) -> int:
     return len(_image_folder_split(cfg.data_dir, split, cfg.train_split)[1])
   if cfg.source == 'scenes':
     return scene_count(cfg, split)
-  size = _tfds_split_size(cfg, _tfds_builder(cfg), split)
+  size = tfds_split_size(cfg, tfds_builder(cfg), split)
   return size if size is not None else _tfds_source(cfg, split).num_examples
 
 
@@ -315,7 +320,7 @@ def class_count(cfg) -> int:
     return len(scenes.SHAPES)
   if cfg.source == 'imagefolder':
     return len(_image_folder_split(cfg.data_dir, cfg.train_split, cfg.train_split)[0])
-  label = _tfds_builder(cfg).info.features[cfg.label_key]
+  label = tfds_builder(cfg).info.features[cfg.label_key]
   if not getattr(label, 'num_classes', None):
     raise ValueError(f'Feature {cfg.label_key!r} of {cfg.name!r} is not a ClassLabel.')
   return label.num_classes
