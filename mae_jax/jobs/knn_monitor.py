@@ -58,20 +58,15 @@ def monitor_dataset(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return ds
 
 
-def host_copy(replicated: Any) -> Any:
-  """The first local device's copy of a pmap-replicated tree, as host NumPy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], replicated)
-
-
 class KnnMonitor:
-  """Call once per step with the replicated params; evaluates on the monitor's steps."""
+  """Call once per step with the loop's params; evaluates on the monitor's steps."""
 
   def __init__(self, config: ml_collections.ConfigDict, total_steps: int,
-               to_host: Callable[[Any], Any] = host_copy):
+               to_host: Callable[[Any], Any]):
     """Reads the monitor's images (nothing when it is off); errors name the fix.
 
-    `to_host` turns the params the loop holds into host arrays (`parallel.Layout.host_state`
-    for the job's layout; a pmap-replicated tree by default).
+    `to_host` turns the params the loop holds into host arrays: the job's
+    `parallel.Layout.host_state`.
     """
     self.to_host = to_host
     check_config(config.monitor)
@@ -133,7 +128,7 @@ class KnnMonitor:
     result['knn_seconds'] = time.time() - start
     return result
 
-  def __call__(self, step: int, replicated_params: Any, logger: Any) -> Optional[Dict[str, float]]:
+  def __call__(self, step: int, params: Any, logger: Any) -> Optional[Dict[str, float]]:
     """On a monitor step: evaluates the params after `step` steps and logs; else nothing.
 
     The training clock restarts afterwards, so images/s stays the train step's speed (the
@@ -141,7 +136,7 @@ class KnnMonitor:
     """
     if not self.due(step):
       return None
-    encoder = jax.block_until_ready(replicated_params['encoder'])  # queued steps finish first
+    encoder = jax.block_until_ready(params['encoder'])  # queued steps finish first
     result = self.evaluate({'encoder': self.to_host(encoder)})
     logging.info('step %d: k-NN top-1 %.2f%% (%s; cls %.2f%%, mean %.2f%%) in %.1f s', step,
                  result['knn_top1'], self.pool, result['knn_top1_cls'],

@@ -394,7 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Every process reads its own slice of the split; all must reconstruct the same images.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     vis_images = np.asarray(multihost_utils.broadcast_one_to_all(vis_images))
-  monitor = knn_monitor.KnnMonitor(config, total_steps, layout.host_state)  # reads its images once (if on)
+  # Reads its images once (if on).
+  monitor = knn_monitor.KnnMonitor(config, total_steps, layout.host_state)
 
   def training_batches(start_step):  # reads its first batch now: a bad file there stops here
     return pipeline.create_dataset(
