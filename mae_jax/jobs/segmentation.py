@@ -37,6 +37,7 @@ from mae_jax.jobs import downstream
 from mae_jax.jobs import finetune
 from mae_jax.jobs import optim
 from mae_jax.jobs import parallel
+from mae_jax.jobs import preemption
 from mae_jax.jobs import pretrain
 from mae_jax.jobs import recipes
 from mae_jax.model import classifier as classifier_lib
@@ -329,42 +330,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   result: Dict[str, Any] = {}
   pending = []
   try:
-    for step in range(start_step + 1, config.total_steps + 1):
-      state, metrics = p_train_step(state, next(batches), jax.random.fold_in(train_rng, step))
-      pending.append(metrics)
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)
-        logger.restart_clock(step)
-      preempted = manager.reached_preemption(step)
-      save_now = (step % config.checkpoint_every_steps == 0 or step == config.total_steps
-                  or preempted)
-      if step % config.log_every_steps == 0 or save_now:  # never save a diverged state
-        summary = {f'train/{k}': float(np.mean([parallel.scalar(m[k]) for m in pending]))
-                   for k in pending[0]}
-        pending = []
-        if not np.isfinite(summary['train/loss']):
-          raise FloatingPointError(
-              f'Loss is {summary["train/loss"]} at step {step}; the last checkpoint is step '
-              f'{manager.latest_step()}. Lower config.base_lr or train in float32.')
-        summary['train/lr'] = float(host_schedule(step - 1))
-        logger.log_train(step, summary)
-      if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
-          ) or step == config.total_steps:
-        result = evaluate(p_eval_step, state, eval_batches(), layout)
-        logging.info('step %d: eval mIoU %.2f, pixel accuracy %.2f, mean accuracy %.2f (%d '
-                     'pixels)', step, result['miou'], result['pixel_accuracy'],
-                     result['mean_accuracy'], int(result['pixels']))
-        logger.log_scalars(step, {f'eval/{k}': v for k, v in result.items()
-                                  if k != 'iou_per_class'})
-      if save_now:
-        checkpoint.save_train_checkpoint(manager, step, layout.for_checkpoint(state.params),
-                                         layout.for_checkpoint(state.opt_state), record,
-                                         config.to_dict())
-        logger.write_curves()
-      if preempted and step < config.total_steps:
-        logging.warning('Preempted: saved step %d, stopping; rerun the same command to resume.',
-                        step)
-        break
+    with preemption.StopOnSignal(manager, config.total_steps) as stop:
+      for step in range(start_step + 1, config.total_steps + 1):
+        state, metrics = p_train_step(state, next(batches), jax.random.fold_in(train_rng, step))
+        pending.append(metrics)
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          logger.restart_clock(step)
+        preempted = stop.should_stop(step)
+        save_now = (step % config.checkpoint_every_steps == 0 or step == config.total_steps
+                    or preempted)
+        if step % config.log_every_steps == 0 or save_now:  # never save a diverged state
+          host_metrics = [{k: parallel.scalar(v) for k, v in m.items()} for m in pending]
+          pending = []
+          metrics_log.check_finite(host_metrics, step, manager.latest_step())
+          summary = {f'train/{k}': float(np.mean([m[k] for m in host_metrics]))
+                     for k in host_metrics[0]}
+          summary['train/lr'] = float(host_schedule(step - 1))
+          logger.log_train(step, summary)
+        if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
+            ) or step == config.total_steps:
+          result = evaluate(p_eval_step, state, eval_batches(), layout)
+          logging.info('step %d: eval mIoU %.2f, pixel accuracy %.2f, mean accuracy %.2f (%d '
+                       'pixels)', step, result['miou'], result['pixel_accuracy'],
+                       result['mean_accuracy'], int(result['pixels']))
+          logger.log_scalars(step, {f'eval/{k}': v for k, v in result.items()
+                                    if k != 'iou_per_class'})
+        if save_now:
+          checkpoint.save_train_checkpoint(manager, step, layout.for_checkpoint(state.params),
+                                           layout.for_checkpoint(state.opt_state), record,
+                                           config.to_dict())
+          logger.write_curves()
+        if preempted:
+          break
   finally:
     manager.wait_until_finished()
     manager.close()
