@@ -150,3 +150,20 @@ def test_loss_pred_mask_and_gradients_match_hf(setup, norm_pix_loss, mask_ratio)
   assert set(flat_jax) == set(flat_torch)
   for path, grad in flat_torch.items():
     assert_close(flat_jax[path], grad, 'grad ' + '/'.join(path))
+
+
+def test_gelu_equals_torch_exact_gelu_and_its_gradient():
+  """The MLP's erf GELU against torch's exact GELU, values and derivatives, over the range
+  activations take (and the tails, where an erf form could lose accuracy)."""
+  from mae_jax.model import vit  # pylint: disable=g-import-not-at-top
+  x = np.concatenate([np.linspace(-12, 12, 20001), np.random.default_rng(0).normal(0, 3, 5000)]
+                     ).astype(np.float32)
+  tx = torch.tensor(x, requires_grad=True)
+  ty = torch.nn.functional.gelu(tx)
+  ty.sum().backward()
+  y, vjp = jax.vjp(vit.gelu, jnp.asarray(x))
+  (dx,) = vjp(jnp.ones_like(y))
+  np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(jax.nn.gelu(x, approximate=False)),
+                             rtol=1e-6, atol=1e-6)
