@@ -10,18 +10,22 @@ With --repeats the frameworks alternate, so both see the same machine state.
     python benchmarks/bench_train_step.py --model vit_s --batch 8 --threads 2 --torch
     python benchmarks/bench_train_step.py --model vit_l --batch 128 --dtype bfloat16 --json r.jsonl
     python benchmarks/bench_train_step.py --model vit_b --set decoder_depth=4 --set img_size=32 ...
+    python benchmarks/bench_train_step.py --model vit_l --batch 8 --vs_mask_tokens --repeats 2
 
 Prints one JSON line per measurement: images/s, step time, compile time (apart), the
 FLOPs per image it assumes and how they are counted (matmul FLOPs of the model, forward
 x 3 for a training step, the usual MFU convention; XLA's own count of the compiled step is
 printed beside it), achieved FLOP/s, MFU against the device's dense peak (on CPU: a large
 matmul timed in the same run, in the step's dtype), and peak memory.
+With --vs_mask_tokens a last line gives the visible-only speed-up over the mask-token baseline
+(median step times of the repeats).
 """
 import argparse
 import json
 import os
 import platform
 import resource
+import statistics
 import time
 
 # Dense peak FLOP/s per chip (bf16 / fp16 tensor cores) from the vendors' data sheets.
@@ -218,6 +222,9 @@ def main():
   parser.add_argument('--parallelism', default='pmap', choices=['pmap', 'data', 'fsdp'])
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--mask_token_in_encoder', action='store_true')
+  parser.add_argument('--vs_mask_tokens', action='store_true',
+                      help='also time the mask-tokens-through-the-encoder baseline, alternating '
+                           'with the real step in this process, and print the speed-up')
   parser.add_argument('--torch', action='store_true', help='also time the PyTorch yardstick')
   parser.add_argument('--no_jax', action='store_true')
   parser.add_argument('--repeats', type=int, default=1, help='alternate the frameworks this often')
@@ -238,41 +245,57 @@ def main():
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.threads)
   overrides = list(args.set or []) + [f'dtype={args.dtype}']
-  if args.mask_token_in_encoder:
-    overrides.append('mask_token_in_encoder=True')
-  dims = model_dims(args.model, overrides)
-  flops = train_flops_per_image(dims)
-  common = dict(model=args.model, overrides=args.set or [], batch=args.batch, dtype=args.dtype,
-                threads=args.threads or None, cpu_devices=args.cpu_devices or None,
-                mask_token_in_encoder=args.mask_token_in_encoder, flops_per_image=flops,
-                flops_counted='matmuls, 3 x forward')
+  # (key, framework, mask tokens through the encoder): what alternates in each repeat.
+  runs = [] if args.no_jax else [('jax', 'jax', args.mask_token_in_encoder)]
+  if args.vs_mask_tokens and not args.no_jax:
+    runs.append(('jax_mask_tokens', 'jax', True))
+  if args.torch:
+    runs.append(('torch', 'torch', args.mask_token_in_encoder))
+  dims = {key: model_dims(args.model, overrides + (['mask_token_in_encoder=True'] if mt else []))
+          for key, _, mt in runs}
   peak = None
-  states = {'jax': None, 'torch': None}
+  states = {key: None for key, _, _ in runs}
+  step_s = {key: [] for key, _, _ in runs}
   for _ in range(args.repeats):
-    runs = ([] if args.no_jax else ['jax']) + (['torch'] if args.torch else [])
-    for name in runs:
-      if name == 'jax':
-        out, states['jax'] = bench_jax(dims, args.batch, args.steps, args.warmup,
-                                       args.parallelism, args.remat, states['jax'])
+    for key, framework, mask_tokens in runs:
+      flops = train_flops_per_image(dims[key])
+      common = dict(model=args.model, overrides=args.set or [], batch=args.batch,
+                    dtype=args.dtype, threads=args.threads or None,
+                    cpu_devices=args.cpu_devices or None, mask_token_in_encoder=mask_tokens,
+                    flops_per_image=flops, flops_counted='matmuls, 3 x forward')
+      if framework == 'jax':
+        out, states[key] = bench_jax(dims[key], args.batch, args.steps, args.warmup,
+                                     args.parallelism, args.remat, states[key])
         if peak is None:
           import jax  # pylint: disable=g-import-not-at-top
           peak = device_peak(jax.devices()[0], args.dtype)
       else:
-        out, states['torch'] = bench_torch(dims, args.batch, args.steps, args.warmup,
-                                           args.dtype, states['torch'])
+        out, states[key] = bench_torch(dims[key], args.batch, args.steps, args.warmup,
+                                       args.dtype, states[key])
       if 'step_s' in out:
+        step_s[key].append(out['step_s'])
         out['achieved_flops_per_s'] = flops * out['images_per_s']
         if peak is not None and peak[0]:
           # On CPU the peak is measured with every JAX device's cores: per chip for accelerators.
           chips = out.get('devices', 1) if out.get('platform') != 'cpu' else 1
           out['mfu'] = out['achieved_flops_per_s'] / (peak[0] * chips)
           out['peak_flops_per_s'], out['peak_from'] = peak
-      line = json.dumps({**common, **out})
-      print(line, flush=True)
-      if args.json:
-        with open(args.json, 'a') as f:
-          f.write(line + '\n')
+      emit({**common, **out}, args.json)
+  if args.vs_mask_tokens and step_s.get('jax') and step_s.get('jax_mask_tokens'):
+    visible, baseline = statistics.median(step_s['jax']), statistics.median(step_s['jax_mask_tokens'])
+    emit(dict(model=args.model, overrides=args.set or [], batch=args.batch, dtype=args.dtype,
+              comparison='visible-only encoder vs mask tokens through the encoder',
+              visible_only_step_s=visible, mask_tokens_step_s=baseline,
+              speedup=baseline / visible, repeats=args.repeats), args.json)
 
+
+def emit(row: dict, path) -> None:
+  """Prints one JSON line and appends it to `path` if given."""
+  line = json.dumps(row)
+  print(line, flush=True)
+  if path:
+    with open(path, 'a') as f:
+      f.write(line + '\n')
 
 if __name__ == '__main__':
   main()

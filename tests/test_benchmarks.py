@@ -28,12 +28,20 @@ def test_benchmark_times_the_job_step_and_the_yardstick(tmp_path):
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   result = subprocess.run(
       [sys.executable, 'benchmarks/bench_train_step.py', '--model', 'tiny', '--batch', '16',
-       '--steps', '1', '--warmup', '1', '--torch', '--cpu_devices', '2', '--json', str(out)],
+       '--steps', '1', '--warmup', '1', '--torch', '--cpu_devices', '2', '--vs_mask_tokens',
+       '--json', str(out)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  jax_row, torch_row = rows
+  jax_row, baseline_row, torch_row, comparison = rows
   assert jax_row['framework'] == 'jax' and torch_row['framework'] == 'torch'
+  assert not jax_row['mask_token_in_encoder'] and baseline_row['mask_token_in_encoder']
+  assert baseline_row['framework'] == 'jax' and baseline_row['flops_per_image'] > 2.5 * jax_row[
+      'flops_per_image']
+  assert comparison['visible_only_step_s'] == jax_row['step_s']
+  assert comparison['mask_tokens_step_s'] == baseline_row['step_s']
+  assert comparison['speedup'] == baseline_row['step_s'] / jax_row['step_s']
+  rows = [jax_row, baseline_row, torch_row]
   assert jax_row['devices'] == 2 and jax_row['parallelism'] == 'pmap'  # all local devices
   for row in rows:
     assert row['step_s'] > 0 and row['images_per_s'] == 16 / row['step_s']
