@@ -18,9 +18,8 @@ naming the file for a mask whose size differs from its image, a class id outside
 label range, or a multi-channel mask where one channel was expected.
 """
 import os
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
-import numpy as np
 import tensorflow as tf
 
 from mae_jax.data import scenes as scenes_lib
@@ -33,13 +32,8 @@ FOLDER_LAYOUT = ('<data_dir>/images/<split>/<name>.jpg|jpeg|png and '
                  '<data_dir>/annotations/<split>/<name>.png')
 
 
-class SegSource(NamedTuple):
-  """A split: random access `load(id) -> (image, mask)` or ordered `records()`."""
-  num_examples: int
-  describe: str
-  load: Optional[Callable[[tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]] = None
-  records: Optional[Callable[[], tf.data.Dataset]] = None
-  example_name: Callable[[int], str] = str
+# A split: random access `load(id) -> (image, mask)` or ordered `records()`.
+SegSource = sources.Source
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -105,42 +99,8 @@ def folder_source(cfg, split: str) -> SegSource:
 
 # ----------------------------------------------------------------------------- TFDS
 def tfds_source(cfg, split: str) -> SegSource:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  fields = ('image_key', 'mask_key')
-  builder = sources.tfds_builder(cfg, key_fields=fields, image_fields=fields)
-  decoders = {cfg.image_key: tfds.decode.SkipDecoding(), cfg.mask_key: tfds.decode.SkipDecoding()}
-  describe = f'TFDS {cfg.name}[{split}]'
-  if sources.tfds_random_access(cfg, builder):
-    try:
-      data = builder.as_data_source(split=split, decoders=decoders)
-    except (AssertionError, FileNotFoundError, NotImplementedError) as e:
-      raise sources.tfds_not_prepared(cfg, builder) from e
-    keys = (cfg.image_key, cfg.mask_key)
-
-    def fetch(idx):
-      example = data[int(idx)]
-      return example[keys[0]], example[keys[1]]
-
-    def load(idx):
-      image, mask = tf.numpy_function(fetch, [idx], (tf.string, tf.string), stateful=False)
-      image.set_shape([])
-      mask.set_shape([])
-      return image, mask
-
-    return SegSource(len(data), describe, load=load,
-                     example_name=lambda i: f'{describe} example {i}')
-  try:
-    records = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
-  except AssertionError as e:
-    raise sources.tfds_not_prepared(cfg, builder) from e
-  records = records.map(lambda ex: (ex[cfg.image_key], ex[cfg.mask_key]))
-  size = sources.tfds_split_size(cfg, builder, split)
-  if not size:
-    size = int(records.cardinality())
-    if size < 0:
-      raise ValueError(f'{describe}: unknown number of examples; prepare the dataset with TFDS.')
-  return SegSource(size, describe, records=lambda: records,
-                   example_name=lambda i: f'{describe} example {i} (in file order)')
+  return sources.tfds_pairs(cfg, split, 'mask_key', second_is_image=True,
+                            records_order=' (in file order)')
 
 
 def open_source(cfg, split: str, image_size: int) -> SegSource:

@@ -23,7 +23,8 @@ EMBEDDED_SPLITS = ('train', 'test')
 
 class Source(NamedTuple):
   """A split of a dataset. Random access: `load(example_id) -> (raw, label)` as TF ops;
-  sequential: `records() -> tf.data.Dataset` of `(raw, label)` in a fixed order."""
+  sequential: `records() -> tf.data.Dataset` of `(raw, label)` in a fixed order. Segmentation
+  uses it with the encoded mask as the second element."""
   num_examples: int
   describe: str
   load: Optional[Callable[[tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]] = None
@@ -248,41 +249,59 @@ def tfds_random_access(cfg, builder) -> bool:
   return any(getattr(f, 'value', f) == 'array_record' for f in formats)
 
 
-def _tfds_source(cfg, split: str) -> Source:
+def tfds_pairs(cfg, split: str, second_field: str, second_is_image: bool,
+               records_order: Optional[str] = None) -> Source:
+  """The `split` of TFDS `cfg.name` as (encoded image, `cfg.<second_field>`) pairs.
+
+  Classification reads (image, int64 label); segmentation (image, encoded mask), both images
+  left undecoded. Random access where the files allow it (`tfds_random_access`), else the
+  records in file order, whose examples are named `... example i<records_order>` when
+  `records_order` is given.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds_builder(cfg)
+  second_key = cfg[second_field]
+  builder = tfds_builder(cfg, key_fields=('image_key', second_field),
+                         image_fields=('image_key', second_field) if second_is_image
+                         else ('image_key',))
   size = tfds_split_size(cfg, builder, split)
   decoders = {cfg.image_key: tfds.decode.SkipDecoding()}
+  if second_is_image:
+    decoders[second_key] = tfds.decode.SkipDecoding()
+  second_dtype = tf.string if second_is_image else tf.int64
   describe = f'TFDS {cfg.name}[{split}]'
   if tfds_random_access(cfg, builder):
     try:
       data_source = builder.as_data_source(split=split, decoders=decoders)
     except (AssertionError, FileNotFoundError, NotImplementedError) as e:
       raise tfds_not_prepared(cfg, builder) from e
-    image_key, label_key = cfg.image_key, cfg.label_key
+    image_key = cfg.image_key
 
     def fetch(idx):
       example = data_source[int(idx)]
-      return example[image_key], np.int64(example[label_key])
+      second = example[second_key]
+      return example[image_key], (second if second_is_image else np.int64(second))
 
     def load(idx):
-      raw, label = tf.numpy_function(fetch, [idx], (tf.string, tf.int64), stateful=False)
+      raw, second = tf.numpy_function(fetch, [idx], (tf.string, second_dtype), stateful=False)
       raw.set_shape([])
-      label.set_shape([])
-      return raw, label
+      second.set_shape([])
+      return raw, second
 
     return Source(len(data_source), describe, load=load,
-                   example_name=lambda i: f'{describe} example {i}')
+                  example_name=lambda i: f'{describe} example {i}')
   try:
     records = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
   except AssertionError as e:
     raise tfds_not_prepared(cfg, builder) from e
-  records = records.map(lambda ex: (ex[cfg.image_key], ex[cfg.label_key]))
-  if size is None:
+  records = records.map(lambda ex: (ex[cfg.image_key], ex[second_key]))
+  if not size:
     size = int(records.cardinality())
     if size < 0:
       raise ValueError(f'{describe}: unknown number of examples; prepare the dataset with TFDS.')
-  return Source(size, describe, records=lambda: records)
+  if records_order is None:
+    return Source(size, describe, records=lambda: records)
+  return Source(size, describe, records=lambda: records,
+                example_name=lambda i: f'{describe} example {i}{records_order}')
 
 
 def open_source(cfg, split: str, image_size: int) -> Source:
@@ -293,7 +312,7 @@ def open_source(cfg, split: str, image_size: int) -> Source:
     return _image_folder_source(cfg, split)
   if cfg.source == 'scenes':
     return _scenes_source(cfg, split, image_size)
-  return _tfds_source(cfg, split)
+  return tfds_pairs(cfg, split, 'label_key', second_is_image=False)
 
 
 def split_size(cfg, split: str) -> int:
@@ -307,7 +326,7 @@ def split_size(cfg, split: str) -> int:
   if cfg.source == 'scenes':
     return scene_count(cfg, split)
   size = tfds_split_size(cfg, tfds_builder(cfg), split)
-  return size if size is not None else _tfds_source(cfg, split).num_examples
+  return size if size is not None else tfds_pairs(cfg, split, 'label_key', second_is_image=False).num_examples
 
 
 def class_count(cfg) -> int:
