@@ -53,15 +53,19 @@ def _parallelism(config: ml_collections.ConfigDict) -> None:
   config.remat = False
 
 
-def dataset_config(**overrides) -> ml_collections.ConfigDict:
-  """The input pipeline's default dataset config with `overrides` applied."""
-  from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  cfg = pipeline.default_dataset_config()
+def _with_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """`cfg` updated with `overrides`, every one of which must name an existing dataset field."""
   unknown = set(overrides) - set(cfg)
   if unknown:
     raise ValueError(f'Unknown dataset field(s) {sorted(unknown)}; known: {sorted(cfg)}.')
   cfg.update(overrides)
   return cfg
+
+
+def dataset_config(**overrides) -> ml_collections.ConfigDict:
+  """The input pipeline's default dataset config with `overrides` applied."""
+  from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return _with_overrides(pipeline.default_dataset_config(), overrides)
 
 
 def pretrain_config(model_name: str, num_epochs: int = 1600, norm_pix_loss: bool = True
@@ -342,12 +346,7 @@ SEGMENTATION_RECIPES = {'vit_b': (0.65, 0.1), 'vit_l': (0.75, 0.2)}
 def segmentation_dataset_config(**overrides) -> ml_collections.ConfigDict:
   """The segmentation input's default dataset config with `overrides` applied."""
   from mae_jax.data import segmentation  # pylint: disable=g-import-not-at-top
-  cfg = segmentation.default_dataset_config()
-  unknown = set(overrides) - set(cfg)
-  if unknown:
-    raise ValueError(f'Unknown dataset field(s) {sorted(unknown)}; known: {sorted(cfg)}.')
-  cfg.update(overrides)
-  return cfg
+  return _with_overrides(segmentation.default_dataset_config(), overrides)
 
 
 def segmentation_config(size: str) -> ml_collections.ConfigDict:
