@@ -309,7 +309,8 @@ def test_bad_masks_are_named(tmp_path):
 def test_tfds_scene_parse150_features_and_reading():
   """Offline: scene_parse150's builder declares `image` (JPEG) and `annotation` (PNG, 3
   channels) Image features; mocked records of that spec are read with mask_channel=0 (the
-  instance PNG's red channel = category) and reduce_zero_label."""
+  instance PNG's red channel = category) and reduce_zero_label, in file order and by random
+  access."""
   import tensorflow_datasets as tfds
   builder = tfds.builder('scene_parse150')
   features = builder.info.features
@@ -326,9 +327,16 @@ def test_tfds_scene_parse150_features_and_reading():
     return tf.data.Dataset.from_tensor_slices({
         'image': [encode(x) for x in images], 'annotation': [encode(x) for x in annotations]})
 
-  with tfds.testing.mock_data(num_examples=4, as_dataset_fn=as_dataset):
-    cfg = dict(source='tfds', name='scene_parse150', mask_channel=0, reduce_zero_label=True,
-               tfds_read='sequential')
-    seg_data.verify_split(cfg, 'test', 6, 32)
-    batch = _batches(cfg, 1, split='test', mode='eval')[0]
-  np.testing.assert_array_equal(batch['mask'], np.where(masks == 0, 255, masks.astype(int) - 1))
+  def as_data_source(self, split, decoders=None, **kwargs):
+    del self, split, decoders, kwargs
+    return [{'image': encode(x), 'annotation': encode(a)} for x, a in zip(images, annotations)]
+
+  expected = np.where(masks == 0, 255, masks.astype(int) - 1)
+  with tfds.testing.mock_data(num_examples=4, as_dataset_fn=as_dataset,
+                              as_data_source_fn=as_data_source):
+    for read in ('sequential', 'random_access'):
+      cfg = dict(source='tfds', name='scene_parse150', mask_channel=0, reduce_zero_label=True,
+                 tfds_read=read)
+      seg_data.verify_split(cfg, 'test', 6, 32)
+      batch = _batches(cfg, 1, split='test', mode='eval')[0]
+      np.testing.assert_array_equal(batch['mask'], expected, err_msg=read)
