@@ -241,6 +241,9 @@ def main():
   if args.cpu_devices:
     flags += f' --xla_force_host_platform_device_count={args.cpu_devices}'
   os.environ['XLA_FLAGS'] = flags.strip()
+  # As the job does (before JAX starts): on the CPU, malloc keeps each step's scratch memory.
+  from mae_jax.jobs import host_memory  # pylint: disable=g-import-not-at-top
+  kept = host_memory.keep_freed_memory()
   if args.threads and args.torch:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.threads)
@@ -261,7 +264,8 @@ def main():
       flops = train_flops_per_image(dims[key])
       common = dict(model=args.model, overrides=args.set or [], batch=args.batch,
                     dtype=args.dtype, threads=args.threads or None,
-                    cpu_devices=args.cpu_devices or None, mask_token_in_encoder=mask_tokens,
+                    cpu_devices=args.cpu_devices or None, host_memory_kept=kept,
+                    mask_token_in_encoder=mask_tokens,
                     flops_per_image=flops, flops_counted='matmuls, 3 x forward')
       if framework == 'jax':
         out, states[key] = bench_jax(dims[key], args.batch, args.steps, args.warmup,

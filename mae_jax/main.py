@@ -27,6 +27,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mae_jax.jobs import host_memory
+
 JOBS = {
     'pretrain': 'mae_jax.jobs.pretrain',
     'linear_probe': 'mae_jax.jobs.linear_probe',
@@ -70,6 +72,8 @@ def parse_flags(argv):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}: every option is a --flag.')
+  # Before JAX starts its CPU client: each step's scratch memory is then reused, not faulted in.
+  host_memory.keep_freed_memory()
   config = _CONFIG.value
   job = config.get('job')
   if job not in JOBS:

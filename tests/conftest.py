@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before JAX is imported); temp files per test."""
+"""Test setup: 8 simulated CPU devices (set before JAX is imported), malloc kept as the jobs
+keep it (mae_jax.jobs.host_memory); temp files per test."""
 import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -12,6 +13,11 @@ import pathlib  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+from mae_jax.jobs import host_memory  # noqa: E402
+
+# As `python -m mae_jax.main` does: XLA's per-step scratch memory is reused, not faulted in.
+host_memory.keep_freed_memory()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -12,4 +12,5 @@
     optim.py           warmup + cosine or poly schedules, AdamW with the reference's weight-decay rule
     layer_decay.py     layer-wise lr decay for fine-tuning
     parallel.py        `config.parallelism`: pmap, or jit over a device mesh (data, fsdp)
+    host_memory.py     on the CPU: malloc keeps each step's scratch memory instead of faulting it in
 """
