@@ -17,6 +17,10 @@ FLOPs per image it assumes and how they are counted (matmul FLOPs of the model, 
 x 3 for a training step, the usual MFU convention; XLA's own count of the compiled step is
 printed beside it), achieved FLOP/s, MFU against the device's dense peak (on CPU: a large
 matmul timed in the same run, in the step's dtype), and peak memory.
+On the CPU the process keeps freed memory for reuse as the job does
+(mae_jax.jobs.host_memory; MAE_JAX_KEEP_HOST_MEMORY=0 turns it off, for both frameworks, as
+they share the process; --vs_mask_tokens leaves it off); each line says which (`host_memory_kept`), when the run started and
+on what CPU. `benchmarks/speed_table.py` turns the lines into README's table.
 With --vs_mask_tokens a last line gives the visible-only speed-up over the mask-token baseline
 (median step times of the repeats).
 """
@@ -84,6 +88,18 @@ def cpu_matmul_peak(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2 * size ** 3 / best
+
+
+def host_cpu() -> str:
+  """The host CPU's model name and logical core count (Linux), e.g. 'AMD EPYC, 2 cores'."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                  name)
+  except OSError:
+    pass
+  return f'{name}, {os.cpu_count()} cores'
 
 
 def device_peak(device, dtype: str):
@@ -242,8 +258,11 @@ def main():
     flags += f' --xla_force_host_platform_device_count={args.cpu_devices}'
   os.environ['XLA_FLAGS'] = flags.strip()
   # As the job does (before JAX starts): on the CPU, malloc keeps each step's scratch memory.
+  # Not with --vs_mask_tokens: two models' steps alternate, and each one's scratch block would
+  # stay in the heap beside the other's (ViT-L at batch 8: more than 24 GB).
   from mae_jax.jobs import host_memory  # pylint: disable=g-import-not-at-top
-  kept = host_memory.keep_freed_memory()
+  kept = False if args.vs_mask_tokens else host_memory.keep_freed_memory()
+  started = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
   if args.threads and args.torch:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.threads)
@@ -265,7 +284,7 @@ def main():
       common = dict(model=args.model, overrides=args.set or [], batch=args.batch,
                     dtype=args.dtype, threads=args.threads or None,
                     cpu_devices=args.cpu_devices or None, host_memory_kept=kept,
-                    mask_token_in_encoder=mask_tokens,
+                    started=started, host_cpu=host_cpu(), mask_token_in_encoder=mask_tokens,
                     flops_per_image=flops, flops_counted='matmuls, 3 x forward')
       if framework == 'jax':
         out, states[key] = bench_jax(dims[key], args.batch, args.steps, args.warmup,

@@ -43,6 +43,8 @@ def test_benchmark_times_the_job_step_and_the_yardstick(tmp_path):
   assert comparison['speedup'] == baseline_row['step_s'] / jax_row['step_s']
   rows = [jax_row, baseline_row, torch_row]
   assert jax_row['devices'] == 2 and jax_row['parallelism'] == 'pmap'  # all local devices
+  # --vs_mask_tokens alternates two models' steps: malloc is left as it is (see the script).
+  assert jax_row['host_memory_kept'] is False
   for row in rows:
     assert row['step_s'] > 0 and row['images_per_s'] == 16 / row['step_s']
     assert row['achieved_flops_per_s'] == row['flops_per_image'] * row['images_per_s']
@@ -52,3 +54,43 @@ def test_benchmark_times_the_job_step_and_the_yardstick(tmp_path):
   assert 1.0 <= jax_row['xla_flops_per_image'] / jax_row['flops_per_image'] < 1.5
   assert jax_row['compile_s'] > 0 and jax_row['compiled_bytes_per_device'] > 0
   assert np.isfinite(jax_row['loss']) and np.isfinite(torch_row['loss'])
+
+
+def _row(framework, speed, started, **kw):
+  row = dict(model='vit_s', overrides=['dtype=float32'], batch=8, dtype='float32', threads=2,
+             cpu_devices=None, host_memory_kept=True, mask_token_in_encoder=False,
+             started=started, host_cpu='CPU X, 2 cores', framework=framework, images_per_s=speed,
+             peak_flops_per_s=3e11)
+  row.update({'jax': '0.10.2'} if framework == 'jax' else {'torch': '2.13.0'})
+  row.update(kw)
+  return row
+
+
+def test_speed_table_has_one_line_per_run_with_the_ratio_of_medians():
+  import speed_table  # pylint: disable=g-import-not-at-top
+  first = [_row('jax', 5.0, 't1'), _row('torch', 4.0, 't1'), _row('jax', 6.0, 't1'),
+           _row('torch', 3.0, 't1'), _row('jax', 7.0, 't1'), _row('torch', 3.5, 't1')]
+  second = [_row('jax', 2.0, 't2', host_memory_kept=False), _row('torch', 4.0, 't2',
+                                                                 host_memory_kept=False)]
+  comparison = dict(model='vit_s', comparison='visible-only', speedup=3.0)
+  groups = speed_table.runs(first + [comparison] + second)
+  assert [len(g) for g in groups] == [6, 2]
+  summary = speed_table.summarize(groups[0])
+  assert summary['speeds'] == {'jax': [5.0, 6.0, 7.0], 'torch': [4.0, 3.0, 3.5]}
+  assert summary['ratio'] == pytest.approx(6.0 / 3.5)
+  lines = speed_table.markdown(groups).splitlines()
+  assert len(lines) == 4
+  assert '| vit_s | 8 | 2 | yes | 5 / 6 / 7 | 4 / 3 / 3.5 | 1.71x |' in lines[2]
+  assert 'jax 0.10.2, torch 2.13.0' in lines[2] and 'CPU X, 2 cores' in lines[2]
+  assert '| no | 2 | 4 | 0.50x |' in lines[3]
+
+
+def test_speed_table_reads_the_committed_cpu_results():
+  import speed_table  # pylint: disable=g-import-not-at-top
+  path = REPO / 'benchmarks' / 'results' / 'cpu_vs_torch_2threads.jsonl'
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  groups = speed_table.runs(rows)
+  summaries = [speed_table.summarize(g) for g in groups]
+  assert summaries and all(s['ratio'] is not None and s['ratio'] > 0 for s in summaries)
+  # Every run alternated the frameworks: as many repeats of one as of the other.
+  assert all(len(s['speeds']['jax']) == len(s['speeds']['torch']) for s in summaries)
