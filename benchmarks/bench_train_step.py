@@ -17,10 +17,10 @@ FLOPs per image it assumes and how they are counted (matmul FLOPs of the model, 
 x 3 for a training step, the usual MFU convention; XLA's own count of the compiled step is
 printed beside it), achieved FLOP/s, MFU against the device's dense peak (on CPU: a large
 matmul timed in the same run, in the step's dtype), and peak memory.
-On the CPU the process keeps freed memory for reuse as the job does
-(mae_jax.jobs.host_memory; MAE_JAX_KEEP_HOST_MEMORY=0 turns it off, for both frameworks, as
-they share the process; --vs_mask_tokens leaves it off); each line says which (`host_memory_kept`), when the run started and
-on what CPU. `benchmarks/speed_table.py` turns the lines into README's table.
+On the CPU the process keeps freed memory for reuse as the job does (mae_jax.jobs.host_memory;
+MAE_JAX_KEEP_HOST_MEMORY=0 turns it off, for both frameworks, as they share the process;
+--vs_mask_tokens leaves it off). Each line says which (`host_memory_kept`), when the run
+started and on what CPU; `benchmarks/speed_table.py` turns the lines into README's table.
 With --vs_mask_tokens a last line gives the visible-only speed-up over the mask-token baseline
 (median step times of the repeats).
 """

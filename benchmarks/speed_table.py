@@ -9,13 +9,20 @@ are taken from the lines themselves.
 """
 import argparse
 import json
+import pathlib
 import statistics
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Sequence
 
 # What makes two lines the same run (apart from the framework); the CPU peak is measured
 # once per run, so it also tells apart runs from before lines carried their start time.
 KEY = ('model', 'overrides', 'batch', 'dtype', 'threads', 'cpu_devices', 'host_memory_kept',
        'mask_token_in_encoder', 'started', 'peak_flops_per_s')
+
+
+def read(paths: Sequence[str]) -> List[dict]:
+  """The JSON lines of `paths`, in order."""
+  return [json.loads(line) for path in paths for line in pathlib.Path(path).read_text().splitlines()
+          if line.strip()]
 
 
 def _key(row: dict) -> tuple:
@@ -40,9 +47,14 @@ def _shape(row: dict) -> str:
   return row['model'] + (' (' + ', '.join(overrides) + ')' if overrides else '')
 
 
+def _repeats(values: Sequence[float]) -> str:
+  return ' / '.join(f'{v:.3g}' for v in values)
+
+
 def summarize(group: List[dict]) -> Dict[str, object]:
   """images/s per framework and repeat, their medians and the ratio."""
-  speeds = {fw: [r['images_per_s'] for r in group if r['framework'] == fw] for fw in ('jax', 'torch')}
+  speeds = {fw: [r['images_per_s'] for r in group if r['framework'] == fw]
+            for fw in ('jax', 'torch')}
   medians = {fw: statistics.median(v) for fw, v in speeds.items() if v}
   jax_row = next((r for r in group if r['framework'] == 'jax'), {})
   torch_row = next((r for r in group if r['framework'] == 'torch'), {})
@@ -62,11 +74,11 @@ def markdown(groups: List[List[dict]]) -> str:
     s = summarize(group)
     if s['ratio'] is None:
       continue
-    fmt = lambda values: ' / '.join(f'{v:.3g}' for v in values)  # pylint: disable=unnecessary-lambda-assignment
     kept = 'yes' if s['host_memory_kept'] else 'no'  # absent: from before the setting existed
     run = ', '.join(x for x in (s['started'], s['host_cpu'], s['versions']) if x)
-    lines.append(f"| {s['shape']} | {s['batch']} | {s['threads']} | {kept} | {fmt(s['speeds']['jax'])}"
-                 f" | {fmt(s['speeds']['torch'])} | {s['ratio']:.2f}x | {run} |")
+    lines.append(f"| {s['shape']} | {s['batch']} | {s['threads']} | {kept} "
+                 f"| {_repeats(s['speeds']['jax'])} | {_repeats(s['speeds']['torch'])} "
+                 f"| {s['ratio']:.2f}x | {run} |")
   return '\n'.join(lines)
 
 
@@ -75,8 +87,7 @@ def main():
   parser.add_argument('files', nargs='+', help='bench_train_step.py --json files')
   parser.add_argument('--since', help='only runs started at or after this ISO time')
   args = parser.parse_args()
-  rows = [json.loads(line) for path in args.files for line in open(path) if line.strip()]
-  groups = runs(rows)
+  groups = runs(read(args.files))
   if args.since:
     groups = [g for g in groups if (g[0].get('started') or '') >= args.since]
   print(markdown(groups))

@@ -87,9 +87,8 @@ def test_speed_table_has_one_line_per_run_with_the_ratio_of_medians():
 
 def test_speed_table_reads_the_committed_cpu_results():
   import speed_table  # pylint: disable=g-import-not-at-top
-  path = REPO / 'benchmarks' / 'results' / 'cpu_vs_torch_2threads.jsonl'
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  groups = speed_table.runs(rows)
+  groups = speed_table.runs(speed_table.read(
+      [REPO / 'benchmarks' / 'results' / 'cpu_vs_torch_2threads.jsonl']))
   summaries = [speed_table.summarize(g) for g in groups]
   assert summaries and all(s['ratio'] is not None and s['ratio'] > 0 for s in summaries)
   # Every run alternated the frameworks: as many repeats of one as of the other.

@@ -56,6 +56,8 @@ def test_kept_memory_is_reused_instead_of_faulted_in_on_every_call():
 def test_runs_on_cpu_reads_the_platform_without_starting_a_backend(monkeypatch, platforms, plugin,
                                                                     expected):
   monkeypatch.setattr(host_memory, '_named_platforms', lambda: platforms)
+  # Whatever this machine has installed: no entry points, and only `plugin` as a module.
+  monkeypatch.setattr(host_memory.importlib.metadata, 'entry_points', lambda group: [])
   monkeypatch.setattr(host_memory, '_module_exists', lambda name: name == plugin)
   assert host_memory.runs_on_cpu() is expected
 

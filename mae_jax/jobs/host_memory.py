@@ -6,8 +6,8 @@ fresh `mmap` and returns it with `munmap`, so every step first-touches all of it
 the kernel faults in and zeroes every page (the ViT-Ti benchmark step: 72,700 page faults
 and 0.14 s of kernel time per step, about a third of the process's CPU time). With one
 malloc arena, no `mmap` for large blocks and no trimming, the block stays in the heap and
-the next step reuses it (3,700 faults per step). Measured in
-`benchmarks/results/host_memory_cpu.jsonl` (README, Speed).
+the next step reuses it (3,700 faults per step; counted with `getrusage` around the steps).
+The speed with and without it: `benchmarks/results/host_memory_cpu.jsonl` (README, Speed).
 
 The trade: the process keeps its peak heap instead of giving freed memory back to the
 system, and all threads share one arena (one lock; small allocations stay lock-free in
@@ -33,9 +33,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
-# Accelerator plugins JAX would pick over the CPU when no platform is named.
-_ACCELERATOR_MODULES = ('jax_plugins', 'libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                        'jax_rocm7_plugin', 'jaxlib.cuda', 'jaxlib.rocm')
+# Accelerator plugins JAX would pick over the CPU when no platform is named (besides those
+# registered under the 'jax_plugins' entry point group).
+_ACCELERATOR_MODULES = ('jax_plugins', 'libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin',
+                        'jax_rocm60_plugin', 'jax_rocm7_plugin')
 
 _applied = False
 
@@ -57,6 +58,12 @@ def _module_exists(name: str) -> bool:
     return False
 
 
+def _accelerator_plugins() -> list:
+  """Names of the installed JAX accelerator plugins (entry points and known modules)."""
+  found = [ep.name for ep in importlib.metadata.entry_points(group='jax_plugins')]
+  return found + [name for name in _ACCELERATOR_MODULES if _module_exists(name)]
+
+
 def runs_on_cpu() -> bool:
   """Whether JAX will compute on the CPU, decided without starting a backend.
 
@@ -66,9 +73,7 @@ def runs_on_cpu() -> bool:
   named = _named_platforms()
   if named is not None:
     return named.split(',')[0].strip() == 'cpu'
-  if importlib.metadata.entry_points(group='jax_plugins'):
-    return False
-  return not any(_module_exists(name) for name in _ACCELERATOR_MODULES)
+  return not _accelerator_plugins()
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
