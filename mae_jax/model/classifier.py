@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mae_jax.model import linear as linear_lib
 from mae_jax.model.patches import Size2D, grid_size, to_2tuple
 from mae_jax.model.pos_embed import sincos_2d
 from mae_jax.model.vit import Encoder
@@ -126,7 +127,8 @@ class Classifier(nn.Module):
     if self.probe_batch_norm:
       x = FeatureBatchNorm(epsilon=1e-6, axis_name=self.bn_axis_name, name='head_norm')(x, train)
     head = nn.Dense(self.num_classes, kernel_init=trunc_normal_init(self.head_init_std),
-                    bias_init=nn.initializers.zeros, name='head')
+                    bias_init=nn.initializers.zeros, dot_general=linear_lib.dense_dot_general,
+                    name='head')
     return head(x)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax.model import linear as linear_lib
 from mae_jax.model import masking as masking_lib
 from mae_jax.model.patches import Size2D, grid_size, patchify
 from mae_jax.model.pos_embed import sincos_2d
@@ -30,7 +31,8 @@ def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
 
 def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, kernel_init=xavier_uniform,
-                  bias_init=nn.initializers.zeros, name=name)
+                  bias_init=nn.initializers.zeros, dot_general=linear_lib.dense_dot_general,
+                  name=name)
 
 
 class Attention(nn.Module):
@@ -144,7 +146,7 @@ class PatchEmbed(nn.Module):
     kernel = self.param('kernel', patch_embed_init, (p, p, c, self.embed_dim))
     bias = self.param('bias', nn.initializers.zeros, (self.embed_dim,))
     x = patchify(images.astype(self.dtype), p)
-    x = x @ kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype)
+    x = linear_lib.linear(x, kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype))
     return x + bias.astype(self.dtype)
 
 
