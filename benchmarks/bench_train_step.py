@@ -245,15 +245,14 @@ def main():
   parser.add_argument('--no_jax', action='store_true')
   parser.add_argument('--repeats', type=int, default=1, help='alternate the frameworks this often')
   parser.add_argument('--threads', type=int, default=0,
-                      help='CPU threads for both frameworks (0: their defaults).')
+                      help='CPU cores for both frameworks (0: all this process may use); the '
+                           'process is pinned to that many cores, as XLA sizes its pool by them')
   parser.add_argument('--cpu_devices', type=int, default=0,
                       help='simulated CPU devices for JAX (one pmap shard per core)')
   parser.add_argument('--json', help='append the JSON lines to this file')
   args = parser.parse_args()
   flags = os.environ.get('XLA_FLAGS', '')
-  if args.threads:
-    flags += (f' --xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()}'
-              f' intra_op_parallelism_threads={args.threads}')
+  cpus = pin_cpus(args.threads)
   if args.cpu_devices:
     flags += f' --xla_force_host_platform_device_count={args.cpu_devices}'
   os.environ['XLA_FLAGS'] = flags.strip()
@@ -282,7 +281,7 @@ def main():
     for key, framework, mask_tokens in runs:
       flops = train_flops_per_image(dims[key])
       common = dict(model=args.model, overrides=args.set or [], batch=args.batch,
-                    dtype=args.dtype, threads=args.threads or None,
+                    dtype=args.dtype, threads=args.threads or None, cpus=cpus,
                     cpu_devices=args.cpu_devices or None, host_memory_kept=kept,
                     started=started, host_cpu=host_cpu(), mask_token_in_encoder=mask_tokens,
                     flops_per_image=flops, flops_counted='matmuls, 3 x forward')
@@ -310,6 +309,23 @@ def main():
               comparison='visible-only encoder vs mask tokens through the encoder',
               visible_only_step_s=visible, mask_tokens_step_s=baseline,
               speedup=baseline / visible, repeats=args.repeats), args.json)
+
+
+def pin_cpus(threads: int) -> list:
+  """Pins this process to its first `threads` allowed cores (0: leaves it); returns them.
+
+  XLA's CPU client sizes its thread pool by the cores the process may run on, and takes no
+  flag for it (the folklore `intra_op_parallelism_threads=N` in XLA_FLAGS is not a flag: it
+  ends flag parsing, so the flags after it are dropped). Must run before JAX starts.
+  """
+  allowed = sorted(os.sched_getaffinity(0))
+  if threads:
+    if threads > len(allowed):
+      raise SystemExit(f'--threads {threads}: this process may use only {len(allowed)} '
+                       f'core(s) ({allowed}); pass at most {len(allowed)}.')
+    allowed = allowed[:threads]
+    os.sched_setaffinity(0, allowed)
+  return allowed
 
 
 def emit(row: dict, path) -> None:

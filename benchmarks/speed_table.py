@@ -44,7 +44,8 @@ def runs(rows: Iterable[dict]) -> List[List[dict]]:
 
 def _shape(row: dict) -> str:
   overrides = [o for o in row.get('overrides') or [] if not o.startswith('dtype=')]
-  return row['model'] + (' (' + ', '.join(overrides) + ')' if overrides else '')
+  shape = row['model'] + (' (' + ', '.join(overrides) + ')' if overrides else '')
+  return shape + (f", {row['cpu_devices']} pmap devices" if row.get('cpu_devices') else '')
 
 
 def _repeats(values: Sequence[float]) -> str:

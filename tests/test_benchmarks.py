@@ -56,6 +56,27 @@ def test_benchmark_times_the_job_step_and_the_yardstick(tmp_path):
   assert np.isfinite(jax_row['loss']) and np.isfinite(torch_row['loss'])
 
 
+def test_threads_pin_the_process_and_keep_the_other_xla_flags(tmp_path):
+  """--threads limits JAX through the cores it may use; --cpu_devices still takes effect."""
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip('needs 2 allowed cores to show that --threads 1 pins to one')
+  out = tmp_path / 'r.jsonl'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  args = [sys.executable, 'benchmarks/bench_train_step.py', '--model', 'tiny', '--batch', '4',
+          '--steps', '1', '--warmup', '0', '--cpu_devices', '2', '--json', str(out)]
+  result = subprocess.run(args + ['--threads', '1'], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(out.read_text())
+  assert row['devices'] == 2 and row['threads'] == 1
+  assert row['cpus'] == sorted(os.sched_getaffinity(0))[:1]
+  too_many = len(os.sched_getaffinity(0)) + 1
+  result = subprocess.run(args + ['--threads', str(too_many)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0 and f'--threads {too_many}' in result.stderr
+
+
 def _row(framework, speed, started, **kw):
   row = dict(model='vit_s', overrides=['dtype=float32'], batch=8, dtype='float32', threads=2,
              cpu_devices=None, host_memory_kept=True, mask_token_in_encoder=False,
