@@ -21,11 +21,17 @@ def test_flop_count_of_vit_l_is_the_known_124_gflop_per_image():
   assert bench_train_step.train_flops_per_image(baseline) > 3 * 124e9
 
 
+def _bench_env() -> dict:
+  """The environment for running a benchmark script: CPU, no XLA flags of the test process."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  return env
+
+
 @pytest.mark.slow  # a real benchmark run with the PyTorch yardstick: `pytest -m slow`
 def test_benchmark_times_the_job_step_and_the_yardstick(tmp_path):
   out = tmp_path / 'r.jsonl'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = _bench_env()
   result = subprocess.run(
       [sys.executable, 'benchmarks/bench_train_step.py', '--model', 'tiny', '--batch', '16',
        '--steps', '1', '--warmup', '1', '--torch', '--cpu_devices', '2', '--vs_mask_tokens',
@@ -61,8 +67,7 @@ def test_threads_pin_the_process_and_keep_the_other_xla_flags(tmp_path):
   if len(os.sched_getaffinity(0)) < 2:
     pytest.skip('needs 2 allowed cores to show that --threads 1 pins to one')
   out = tmp_path / 'r.jsonl'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = _bench_env()
   args = [sys.executable, 'benchmarks/bench_train_step.py', '--model', 'tiny', '--batch', '4',
           '--steps', '1', '--warmup', '0', '--cpu_devices', '2', '--json', str(out)]
   result = subprocess.run(args + ['--threads', '1'], cwd=REPO, env=env, capture_output=True,
