@@ -312,7 +312,7 @@ def main():
 
 
 def pin_cpus(threads: int) -> list:
-  """Pins this process to its first `threads` allowed cores (0: leaves it); returns them.
+  """Pins this process to its first `threads` allowed cores (0: leaves it); returns its cores.
 
   XLA's CPU client sizes its thread pool by the cores the process may run on, and takes no
   flag for it (the folklore `intra_op_parallelism_threads=N` in XLA_FLAGS is not a flag: it
@@ -323,9 +323,8 @@ def pin_cpus(threads: int) -> list:
     if threads > len(allowed):
       raise SystemExit(f'--threads {threads}: this process may use only {len(allowed)} '
                        f'core(s) ({allowed}); pass at most {len(allowed)}.')
-    allowed = allowed[:threads]
-    os.sched_setaffinity(0, allowed)
-  return allowed
+    os.sched_setaffinity(0, allowed[:threads])
+  return sorted(os.sched_getaffinity(0))  # what the process got, not what was asked
 
 
 def emit(row: dict, path) -> None:
