@@ -31,6 +31,9 @@ os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 import numpy as np  # pylint: disable=wrong-import-position
 from PIL import Image  # pylint: disable=wrong-import-position
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train_step  # pylint: disable=wrong-import-position  # host_cpu()
+
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
@@ -130,6 +133,7 @@ def main():
     print(json.dumps({a.only: rate(batches, a.batch, a.seconds)}))
     return
   files = list(pathlib.Path(root, 'train').rglob('*.jpg'))
+  started = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
   rounds = []
   for r in range(a.rounds):
     rounds.append({'round': r})
@@ -143,7 +147,8 @@ def main():
   med = {k: statistics.median(x[k] for x in rounds) for k in ('mae_jax', 'pil')}
   result = dict(size=a.size, batch=a.batch, files=len(files), source=a.images or
                 'generated 500x375 JPEGs (q90)', rounds=rounds, median=med,
-                ratio=med['mae_jax'] / med['pil'], python=sys.version.split()[0])
+                ratio=med['mae_jax'] / med['pil'], python=sys.version.split()[0],
+                started=started, host_cpu=bench_train_step.host_cpu())
   print(f"median: mae_jax {med['mae_jax']:.0f}, PIL {med['pil']:.0f} img/s per core: "
         f"{result['ratio']:.2f}x")
   if a.json:

@@ -279,6 +279,25 @@ def test_pretrain_normalises_a_solid_image_exactly(tmp_path):
                                                              (2, 8, 8, 3)), atol=1e-5)
 
 
+def test_normalize_and_flip_give_the_numpy_values_on_static_and_dynamic_shapes():
+  """The row-tiled normalisation and tf.reverse flip are exact, whatever is known of the shape."""
+  rng = np.random.RandomState(0)
+  want = lambda x: (x.astype(np.float32) - MEAN * np.float32(255)) * (
+      np.float32(1) / (STD * np.float32(255)))
+  for shape in [(3, 5, 7, 3), (5, 7, 3), (2, 2, 5, 7, 3)]:  # batch, image, nested batch
+    x = rng.randint(0, 256, shape).astype(np.uint8)
+    np.testing.assert_array_equal(preprocess.normalize(x, MEAN, STD).numpy(), want(x))
+  dynamic = tf.function(lambda x: preprocess.normalize(x, MEAN, STD),
+                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+  x = rng.randint(0, 256, (2, 6, 4, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(dynamic(x).numpy(), want(x))
+  image = rng.randint(0, 256, (5, 7, 3)).astype(np.uint8)
+  seed = tf.constant([0, 1], tf.int64)
+  for probability, expected in ((1.0, image[:, ::-1]), (0.0, image)):
+    flipped = preprocess.flip_left_right(tf.constant(image), seed, probability)
+    np.testing.assert_array_equal(flipped.numpy(), expected)
+
+
 def test_finetune_mode_applies_randaugment_and_erasing():
   cfg = ip.default_dataset_config()
   probe = _batches(cfg, n=1, mode='linear_probe', global_batch_size=16, image_size=16)[0]

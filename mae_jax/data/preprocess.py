@@ -16,6 +16,7 @@ uint8 `[H, W, 3]` tensor; every function here accepts both.
 import math
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,7 +143,9 @@ def random_resized_crop(raw: tf.Tensor, seed: tf.Tensor, size: int, scale: Seque
 def flip_left_right(image: tf.Tensor, seed: tf.Tensor, probability: float = 0.5) -> tf.Tensor:
   """Mirrors the image with the given probability."""
   flip = tf.random.stateless_uniform([], seed) < probability
-  return tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+  # tf.reverse, not image[:, ::-1]: the same pixels, but a negative-stride slice takes TF's
+  # slow element-by-element path (0.35 ms of a 224 px image's ~5 ms on one core).
+  return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def resize_and_centre_crop(raw: tf.Tensor, size: int, crop_fraction: float = 0.875) -> tf.Tensor:
@@ -167,8 +170,20 @@ def resize_and_centre_crop(raw: tf.Tensor, size: int, crop_fraction: float = 0.8
 
 
 def normalize(images: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  """uint8 (or 0..255 float) pixels -> float32 `(x / 255 - mean) / std`, channels last."""
+  """uint8 (or 0..255 float) pixels -> float32 `(x / 255 - mean) / std`, channels last.
+
+  Computed as `(x - 255 mean) * (1 / (255 std))`. When the image dims are static the mean
+  and scale are tiled to one image's row of `H * W * C` values: TF (Eigen) broadcasts one
+  row over a matrix of images about 2.5x faster than a 3-vector over every pixel, for the
+  same values (0.25 against 0.65 ms per 224 px image on one core).
+  """
   images = tf.cast(images, tf.float32)
-  mean = tf.constant(mean, tf.float32) * 255.0
-  inv_std = 1.0 / (tf.constant(std, tf.float32) * 255.0)
-  return (images - mean) * inv_std
+  mean = np.asarray(mean, np.float32) * np.float32(255.0)
+  inv_std = np.float32(1.0) / (np.asarray(std, np.float32) * np.float32(255.0))
+  pixel = images.shape[-3:]
+  if images.shape.rank is None or images.shape.rank < 3 or not pixel.is_fully_defined():
+    return (images - mean) * inv_std
+  reps = pixel[0] * pixel[1]
+  rows = tf.reshape(images, [-1, reps * pixel[2]])
+  rows = (rows - np.tile(mean, reps)[None]) * np.tile(inv_std, reps)[None]
+  return tf.reshape(rows, tf.shape(images))

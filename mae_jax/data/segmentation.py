@@ -194,7 +194,8 @@ def augment_pair(image, labels, seed, size: int, cfg) -> tuple:
                               cfg.ignore_index)
   if cfg.flip:
     flip = tf.random.stateless_uniform([], seeds[1]) < 0.5
-    image, labels = tf.cond(flip, lambda: (image[:, ::-1], labels[:, ::-1]),
+    # tf.reverse: a negative-stride slice is TF's slow path (preprocess.flip_left_right).
+    image, labels = tf.cond(flip, lambda: (tf.reverse(image, [1]), tf.reverse(labels, [1])),
                             lambda: (image, labels))
   return image, labels
 
