@@ -119,3 +119,23 @@ def test_speed_table_reads_the_committed_cpu_results():
   assert summaries and all(s['ratio'] is not None and s['ratio'] > 0 for s in summaries)
   # Every run alternated the frameworks: as many repeats of one as of the other.
   assert all(len(s['speeds']['jax']) == len(s['speeds']['torch']) for s in summaries)
+
+
+def test_matmul_rates_time_both_frameworks_and_refuse_bad_shapes(tmp_path):
+  """benchmarks/matmul_rates.py: one line per shape, dtype and framework, rate = 2mkn / time."""
+  out = tmp_path / 'm.jsonl'
+  args = [sys.executable, 'benchmarks/matmul_rates.py', '--threads', '1', '--seconds', '0',
+          '--shapes', '64x32x16,8x8x8', '--json', str(out)]
+  result = subprocess.run(args, cwd=REPO, env=_bench_env(), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r['framework'], r['m'], r['dtype']) for r in rows] == [
+      (f, m, d) for m in (64, 8) for d in ('float32', 'bfloat16') for f in ('jax', 'torch')]
+  for row in rows:
+    assert row['seconds'] > 0 and row['cpus'] == sorted(os.sched_getaffinity(0))[:1]
+    flops = 2 * row['m'] * row['k'] * row['n']
+    assert row['gflops_per_s'] == pytest.approx(flops / row['seconds'] / 1e9)
+  bad = subprocess.run(args[:-2] + ['--shapes', '64x32'], cwd=REPO, env=_bench_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "--shapes '64x32'" in bad.stderr
