@@ -12,6 +12,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import bench_train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from child_env import child_env
+
 
 def test_flop_count_of_vit_l_is_the_known_124_gflop_per_image():
   """ViT-L/16 MAE at 224 px, 75% masked, 8 x 512 decoder: ~41 GFLOP forward, x 3 to train."""
@@ -23,9 +25,7 @@ def test_flop_count_of_vit_l_is_the_known_124_gflop_per_image():
 
 def _bench_env() -> dict:
   """The environment for running a benchmark script: CPU, no XLA flags of the test process."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  return env
+  return child_env(JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
 
 
 @pytest.mark.slow  # a real benchmark run with the PyTorch yardstick: `pytest -m slow`

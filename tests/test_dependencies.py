@@ -11,7 +11,6 @@ import configparser
 import functools
 import importlib.metadata as md
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from typing import Dict, Iterable, List, Set, Tuple
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from child_env import child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = 'mae_jax'
@@ -228,10 +229,9 @@ def test_the_package_runs_with_only_what_install_requires_brings():
   lazy = sorted({ast.unparse(node) for top, _, node, is_lazy in _import_nodes(REPO / PACKAGE)
                  if is_lazy and top not in OPTIONAL_IMPORTS})
   code = _IMPORT_EVERYTHING.format(package=PACKAGE, lazy=lazy, blocked=set(blocked))
-  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+  env = child_env(drop=['PYTHONPATH'], JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, check=False,
-                          env={**env, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'})
+                          cwd=REPO, timeout=300, check=False, env=env)
   if result.returncode:
     missing = [m for m in blocked if f"No module named '{m}" in result.stderr]
     hint = ''.join(f'\n{m} comes from {distributions_of(m)[0]}, which install_requires does '

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from child_env import child_env
 import mae_jax
 from mae_jax import MaskedAutoencoder
 from mae_jax.data import pipeline
@@ -154,9 +155,8 @@ def test_two_processes_write_the_same_files_as_one(pretrained, tmp_path):
   one = tmp_path / 'one'
   extract_features.train_and_evaluate(_config(path), str(one))
   two = tmp_path / 'two'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(NUM_PROCESSES='2', DEVICES_PER_PROCESS='2', PORT=str(25000 + os.getpid() % 2000),
-             PYTHON=sys.executable)
+  env = child_env(NUM_PROCESSES='2', DEVICES_PER_PROCESS='2',
+                  PORT=str(25000 + os.getpid() % 2000), PYTHON=sys.executable)
   run = subprocess.run(
       ['bash', str(REPO / 'launch' / 'local_cpu.sh'), 'configs/extract_features.py', str(two),
        f'--config.init_from={path}', '--config.batch_size=16', '--config.logreg.enabled=False'],

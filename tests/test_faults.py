@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from child_env import child_env
 from mae_jax.io import checkpoint
 from mae_jax.jobs import preemption
 
@@ -32,8 +33,7 @@ TINY_400 = ('--config=configs/tiny.py', '--config.total_steps=400',
 def _env(cache=None):
   """One CPU device (not the 8 simulated ones of conftest): the runs are 2x faster. With
   `cache`, JAX's persistent compilation cache there: reruns load the step, not compile it."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  env = child_env(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   if cache:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')

@@ -15,13 +15,13 @@ which an import alone does not run).
 import ast
 import importlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from child_env import child_env
 import mae_jax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,8 +67,7 @@ def test_every_module_belongs_to_a_layer():
 
 
 def test_each_subpackage_imported_alone_loads_only_the_layers_below():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  env = child_env(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   runs = {name: subprocess.Popen([sys.executable, '-c', _IMPORT_ALONE, name], cwd=REPO, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for name in MAY_IMPORT}

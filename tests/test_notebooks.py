@@ -24,6 +24,7 @@ nbclient = pytest.importorskip('nbclient', reason='the notebook tests need nbcli
 pytest.importorskip('ipykernel', reason='the notebook tests need ipykernel (.[test])')
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
+from child_env import child_env  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / 'notebooks'
@@ -43,12 +44,10 @@ def _kernel_manager(root: pathlib.Path) -> AsyncKernelManager:
 
 
 def _kernel_env(cache_dir: str) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
-  env.update(MAE_NOTEBOOK_FAST='1', JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
-             TF_CPP_MIN_LOG_LEVEL='3', JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return env
+  return child_env(MAE_NOTEBOOK_FAST='1', JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
+                   TF_CPP_MIN_LOG_LEVEL='3', JAX_COMPILATION_CACHE_DIR=cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')  # one device
 
 
 class Run:

@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from child_env import child_env
 from mae_jax.io import checkpoint
 from mae_jax.jobs import finetune, linear_probe, parallel, pretrain, recipes
 from mae_jax.model import presets
@@ -43,9 +44,8 @@ def max_abs_diff(a, b):
 
 
 def subprocess_env(devices):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  return env
+  return child_env(JAX_PLATFORMS='cpu',
+                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
 
 # --- The FSDP rule ------------------------------------------------------------------------

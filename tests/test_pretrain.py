@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from child_env import child_env
 import mae_jax
 from mae_jax.data import pipeline
 from mae_jax.io import checkpoint
@@ -401,9 +402,9 @@ def test_two_processes_train_exactly_like_one_also_when_one_is_preempted(tiny_ru
   both stop at the same step with a checkpoint and exit 75. The run is then finished here,
   in one process on 8 devices (the checkpoint does not depend on the process count)."""
   workdir = tmp_path / 'two_processes'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(NUM_PROCESSES='2', DEVICES_PER_PROCESS='1', PORT=str(23000 + os.getpid() % 2000),
-             PYTHON=sys.executable)  # the interpreter running the tests, activated or not
+  env = child_env(NUM_PROCESSES='2', DEVICES_PER_PROCESS='1',
+                  PORT=str(23000 + os.getpid() % 2000),
+                  PYTHON=sys.executable)  # the interpreter running the tests, activated or not
   command = ['bash', str(REPO / 'launch' / 'local_cpu.sh'), 'configs/tiny.py', str(workdir),
              '--config.num_visualize=0']
   log1 = pathlib.Path(f'{workdir}.process1.log')
