@@ -495,6 +495,5 @@ def eval_examples(dataset_cfg: Any, *, split: str, indices: np.ndarray, image_si
 def normalize_images(images: np.ndarray, dataset_cfg: Any) -> np.ndarray:
   """uint8 images -> float32 normalised with the dataset's mean and std, as batches are."""
   cfg = _resolve_config(dataset_cfg)
-  mean = np.asarray(cfg.mean, np.float32) * np.float32(255.0)
-  inv_std = np.float32(1.0) / (np.asarray(cfg.std, np.float32) * np.float32(255.0))
+  mean, inv_std = preprocess.normalization_constants(cfg.mean, cfg.std)
   return (np.asarray(images, np.float32) - mean) * inv_std

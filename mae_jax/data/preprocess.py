@@ -144,7 +144,7 @@ def flip_left_right(image: tf.Tensor, seed: tf.Tensor, probability: float = 0.5)
   """Mirrors the image with the given probability."""
   flip = tf.random.stateless_uniform([], seed) < probability
   # tf.reverse, not image[:, ::-1]: the same pixels, but a negative-stride slice takes TF's
-  # slow element-by-element path (0.35 ms of a 224 px image's ~5 ms on one core).
+  # slow element-by-element path (about 0.5 ms of a 224 px image's ~5 ms on one core).
   return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 
@@ -169,6 +169,13 @@ def resize_and_centre_crop(raw: tf.Tensor, size: int, crop_fraction: float = 0.8
   return image
 
 
+def normalization_constants(mean: Sequence[float], std: Sequence[float]):
+  """float32 `(255 mean, 1 / (255 std))`: `normalize` is `(x - first) * second` on 0..255 pixels."""
+  scaled_mean = np.asarray(mean, np.float32) * np.float32(255.0)
+  inv_std = np.float32(1.0) / (np.asarray(std, np.float32) * np.float32(255.0))
+  return scaled_mean, inv_std
+
+
 def normalize(images: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """uint8 (or 0..255 float) pixels -> float32 `(x / 255 - mean) / std`, channels last.
 
@@ -178,12 +185,11 @@ def normalize(images: tf.Tensor, mean: Sequence[float], std: Sequence[float]) ->
   same values (0.25 against 0.65 ms per 224 px image on one core).
   """
   images = tf.cast(images, tf.float32)
-  mean = np.asarray(mean, np.float32) * np.float32(255.0)
-  inv_std = np.float32(1.0) / (np.asarray(std, np.float32) * np.float32(255.0))
-  pixel = images.shape[-3:]
-  if images.shape.rank is None or images.shape.rank < 3 or not pixel.is_fully_defined():
+  mean, inv_std = normalization_constants(mean, std)
+  shape = images.shape
+  if shape.rank is None or shape.rank < 3 or not shape[-3:].is_fully_defined():
     return (images - mean) * inv_std
-  reps = pixel[0] * pixel[1]
-  rows = tf.reshape(images, [-1, reps * pixel[2]])
-  rows = (rows - np.tile(mean, reps)[None]) * np.tile(inv_std, reps)[None]
+  height, width, channels = shape[-3:]
+  rows = tf.reshape(images, [-1, height * width * channels])
+  rows = (rows - np.tile(mean, height * width)) * np.tile(inv_std, height * width)
   return tf.reshape(rows, tf.shape(images))
